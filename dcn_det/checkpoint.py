@@ -1,0 +1,85 @@
+"""Checkpoints that load with ``torch.load(weights_only=True)``, and the one place that may load others.
+
+torch >= 2.6 loads with ``weights_only=True``; mmengine's Runner pickles its ``MessageHub`` (numpy
+arrays inside ``HistoryBuffer``) into every checkpoint, so out of the box ``--resume``, ``load_from``
+and ``tools/test.py CKPT`` fail, and the only way to load such a file is to unpickle arbitrary code.
+Our trust model: checkpoints written by dcn_det hold tensors, numbers, strings and containers only
+(:func:`to_weights_only`) and load safely; a foreign checkpoint that needs full unpickling is loaded
+only when the user names that file with ``--trust-checkpoint`` (:func:`load_checkpoint_file`).
+"""
+import os
+import os.path as osp
+import pickle
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+
+_BUFFER_TAG = '__history_buffer__'
+
+
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint that is missing, or cannot be loaded safely."""
+
+
+def load_checkpoint_file(path: str, *, trust: bool = False, map_location: Any = 'cpu') -> dict:
+    """Load a checkpoint with ``weights_only=True``, or fully unpickled if ``trust`` is set.
+
+    Raises:
+        CheckpointLoadError: the file is missing, or needs unpickling and ``trust`` is False; the
+            message says how to proceed.
+    """
+    if not osp.isfile(path):
+        raise CheckpointLoadError(f'checkpoint {path!r} does not exist')
+    try:
+        return torch.load(path, map_location=map_location, weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CheckpointLoadError(
+            f'{path!r} holds pickled Python objects, so it cannot be loaded with weights_only=True '
+            f'({first[:200]}). Checkpoints written by dcn_det never do; if you trust this file, pass '
+            '--trust-checkpoint to load it with full unpickling (it can run code).') from None
+
+
+def to_weights_only(obj: Any) -> Any:
+    """Return ``obj`` with mmengine's HistoryBuffers and numpy values turned into weights-only types."""
+    from mmengine.logging import HistoryBuffer
+
+    if isinstance(obj, HistoryBuffer):
+        log, count = obj.data
+        return {_BUFFER_TAG: True, 'log': torch.from_numpy(np.asarray(log, dtype=np.float64)),
+                'count': torch.from_numpy(np.asarray(count, dtype=np.float64)), 'max_length': obj.max_length}
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (dict, OrderedDict)):
+        return type(obj)((k, to_weights_only(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_weights_only(v) for v in obj)
+    return obj
+
+
+def from_weights_only(obj: Any) -> Any:
+    """Inverse of :func:`to_weights_only` for the HistoryBuffers (numpy values stay tensors)."""
+    from mmengine.logging import HistoryBuffer
+
+    if isinstance(obj, dict) and obj.get(_BUFFER_TAG):
+        return HistoryBuffer(obj['log'].numpy(), obj['count'].numpy(), obj['max_length'])
+    if isinstance(obj, (dict, OrderedDict)):
+        return type(obj)((k, from_weights_only(v)) for k, v in obj.items())
+    if isinstance(obj, list):
+        return [from_weights_only(v) for v in obj]
+    return obj
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
+    tmp = f'{path}.tmp-{os.getpid()}'
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if osp.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,54 @@
+"""What the command-line tools share: loading a config, naming the work dir, failing in one line."""
+import os
+import os.path as osp
+import sys
+from typing import NoReturn, Optional
+
+from mmengine.config import Config
+
+
+class UsageError(Exception):
+    """Bad input from the command line: printed as one line, exit status 2."""
+
+
+def fail(message: str) -> NoReturn:
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+def load_config(path: str, cfg_options: Optional[dict] = None, work_dir: Optional[str] = None) -> Config:
+    """Load ``path`` with overrides; ``work_dir`` defaults to ``work_dirs/<config name>``."""
+    if not osp.isfile(path):
+        raise UsageError(f'config {path!r} does not exist')
+    if not path.endswith('.py'):
+        raise UsageError(f'config {path!r} is not a .py config file')
+    try:
+        cfg = Config.fromfile(path)
+    except Exception as e:  # syntax errors, missing _base_ files: say which file
+        raise UsageError(f'cannot read config {path!r}: {type(e).__name__}: {e}') from None
+    if 'model' not in cfg:
+        raise UsageError(f'{path!r} is not a detector config: it has no `model`')
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('work_dirs', osp.splitext(osp.basename(path))[0])
+    return cfg
+
+
+def build_runner(cfg: Config):
+    """Build the runner the config asks for (``runner_type``), as mmdet's tools do."""
+    from mmdet.registry import RUNNERS
+    from mmengine.runner import Runner
+
+    import dcn_det  # noqa: F401  registers DCNRunner even for configs without custom_imports
+
+    if 'runner_type' not in cfg:
+        return Runner.from_cfg(cfg)
+    return RUNNERS.build(cfg)
+
+
+def set_local_rank(local_rank: int) -> None:
+    # torch.distributed.launch passes --local-rank; torchrun sets LOCAL_RANK itself.
+    os.environ.setdefault('LOCAL_RANK', str(local_rank))

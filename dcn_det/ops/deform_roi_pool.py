@@ -1,0 +1,525 @@
+"""Deformable RoI pooling, DCNv1 and DCNv2 (modulated), with mmcv's semantics and a fast CPU path.
+
+``deform_roi_pool`` computes what mmcv's ``deform_roi_pool`` kernel computes: RoIAlign with the
+half-pixel shift (``x * spatial_scale - 0.5``, no minimum RoI size), each bin's start moved by
+``gamma * roi_width * offset[:, 0]`` in x and ``gamma * roi_height * offset[:, 1]`` in y, and each
+bin averaged over a ``grid_h x grid_w`` sampling grid (``sampling_ratio``, or per RoI
+``ceil(roi_size / output_size)`` when it is 0). A sample outside ``[-1, H] x [-1, W]`` counts 0;
+otherwise its coordinates are clamped to ``[0, H - 1] x [0, W - 1]`` and it is interpolated
+bilinearly. With no offset it equals ``torchvision.ops.roi_align(..., aligned=True)``.
+
+Backends (``backend=``):
+
+- ``'native'``: this module's pure-PyTorch operator (any device; float64 for gradcheck). Pooling is
+  linear in the features, so each chunk of RoIs becomes one sparse matrix of bilinear weights (rows:
+  the chunk's ``K_c * ph * pw`` bins, columns: the ``N * H * W`` pixels) applied to the channels-last
+  features with ``torch.sparse.mm``; the transposed product gives the input gradient, and one
+  sampled dense-dense product (``torch.sparse.sampled_addmm``: grad_out . feature row, for each
+  stored entry) gives the offset gradient, because the bilinear weights are separable. Building the
+  matrix is vectorised per group of RoIs that share a sampling grid (adaptive sampling makes the
+  grid differ between RoIs); within a bin, the 4 * grid_h * grid_w corner taps of an adaptive grid
+  collapse onto a window of at most (grid_h + 1) x (grid_w + 1) distinct pixels (2-3x fewer
+  entries). The matrix is built once per forward and kept for the backward; RoIs are processed in
+  runs of at most ``_CHUNK_ENTRIES`` entries (or one RoI), so memory is bounded whatever K is.
+- ``'mmcv'``: mmcv's compiled kernel (CUDA only: mmcv 2.1 has no CPU kernel for this op).
+- ``'auto'``: mmcv on CUDA when mmcv was compiled with CUDA, else native.
+
+Gradient convention: native returns the exact derivative of the forward (so ``gradcheck`` passes).
+mmcv's backward agrees everywhere except for samples in the one-pixel border strips where the
+forward clamps a coordinate (``-1 <= y <= 0`` or ``H - 1 <= y <= H``, likewise x): there mmcv's
+offset gradient uses the unclamped coordinate in its weights, so it is non-zero where the forward
+is flat (y in [-1, 0] gives a y-gradient) and zero where it is not (y in [H - 1, H] kills the
+x-gradient). Forward values and the input gradient agree exactly.
+
+Precision: half and bfloat16 are computed in float32 (float64 stays float64), autocast is disabled
+inside, and the result has ``input``'s dtype. ``rois`` may be float32 whatever ``input``'s dtype
+(image coordinates in float16 are only accurate to 0.5 px above 1024).
+"""
+import functools
+import warnings
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+_BACKENDS = ('auto', 'native', 'mmcv')
+
+# Entries of one chunk's weight matrix (~50 bytes each while it is built, 20 kept for the backward:
+# 2**21 holds ~1700 RoIs of 112 px on a stride-4 level); tests lower it to force chunking.
+_CHUNK_ENTRIES = 2**21
+
+_IntPair = Union[int, tuple[int, int]]
+
+
+def deform_roi_pool(input: Tensor,
+                    rois: Tensor,
+                    offset: Optional[Tensor] = None,
+                    output_size: _IntPair = 7,
+                    spatial_scale: float = 1.0,
+                    sampling_ratio: int = 0,
+                    gamma: float = 0.1,
+                    backend: str = 'auto') -> Tensor:
+    """Deformable RoI pooling (DCNv1 section 2.2), exactly as mmcv's ``deform_roi_pool``.
+
+    Args:
+        input (Tensor[N, C, H, W]): feature map.
+        rois (Tensor[K, 5]): (batch_index, x1, y1, x2, y2) in image coordinates; ``spatial_scale``
+            maps them onto ``input``. Gets no gradient.
+        offset (Tensor[K, 2, ph, pw], optional): per-bin normalised offsets; channel 0 moves the
+            bin by ``gamma * roi_width * offset`` in x, channel 1 by ``gamma * roi_height * offset``
+            in y. None means zero (plain aligned RoIAlign).
+        output_size (int or (int, int)): (ph, pw).
+        spatial_scale (float): feature size over image size, e.g. 0.25 for a stride-4 level.
+        sampling_ratio (int): samples per bin along each axis; 0 means ``ceil(roi_size / output_size)``
+            per RoI.
+        gamma (float): offset scale.
+        backend (str): ``'auto'``, ``'native'`` or ``'mmcv'`` (see the module docstring).
+
+    Returns:
+        Tensor[K, C, ph, pw] in ``input``'s dtype.
+    """
+    ph, pw = _check_args(input, rois, offset, output_size, spatial_scale, sampling_ratio)
+    backend = _resolve_backend(backend, input.device)
+    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    x = input.to(dtype)
+    off = None if offset is None else offset.to(dtype)
+    with torch.autocast(input.device.type, enabled=False):
+        if backend == 'mmcv':
+            out = _mmcv_deform_roi_pool(x, rois.to(dtype), off, (ph, pw), spatial_scale, sampling_ratio,
+                                        gamma)
+        else:
+            out = _NativeDeformRoIPool.apply(x, rois.to(dtype), off,
+                                             _Params(ph, pw, float(spatial_scale), sampling_ratio,
+                                                     float(gamma)))
+    return out.to(input.dtype)
+
+
+class DeformRoIPool(nn.Module):
+    """DCNv1 deformable RoI pooling with its offset predictor (mmcv's ``DeformRoIPoolPack``).
+
+    Plain aligned RoIAlign, ``offset_fc`` on the flattened result, then :func:`deform_roi_pool` with
+    those offsets. The last fc layer starts at zero, so a fresh module equals
+    ``torchvision.ops.roi_align(..., aligned=True)``. Parameter names match mmcv's pack, so its state
+    dicts load strictly. ``offset_fc`` is a plain attribute: assigning one module's predictor to
+    another shares it (e.g. across FPN levels).
+
+    Args:
+        output_size (int or (int, int)): (ph, pw).
+        output_channels (int): C, the channels of ``input``.
+        deform_fc_channels (int): hidden width of the fc predictor.
+        spatial_scale, sampling_ratio, gamma, backend: as in :func:`deform_roi_pool`.
+    """
+
+    def __init__(self,
+                 output_size: _IntPair,
+                 output_channels: int,
+                 deform_fc_channels: int = 1024,
+                 spatial_scale: float = 1.0,
+                 sampling_ratio: int = 0,
+                 gamma: float = 0.1,
+                 backend: str = 'auto') -> None:
+        super().__init__()
+        self.output_size = _pair(output_size, 'output_size')
+        self.output_channels = output_channels
+        self.deform_fc_channels = deform_fc_channels
+        self.spatial_scale = float(spatial_scale)
+        self.sampling_ratio = int(sampling_ratio)
+        self.gamma = float(gamma)
+        self.backend = _check_backend(backend)
+        bins = self.output_size[0] * self.output_size[1]
+        self.offset_fc = nn.Sequential(
+            nn.Linear(bins * output_channels, deform_fc_channels), nn.ReLU(inplace=True),
+            nn.Linear(deform_fc_channels, deform_fc_channels), nn.ReLU(inplace=True),
+            nn.Linear(deform_fc_channels, bins * 2))
+        nn.init.zeros_(self.offset_fc[-1].weight)
+        nn.init.zeros_(self.offset_fc[-1].bias)
+
+    def forward(self, input: Tensor, rois: Tensor) -> Tensor:
+        """input (Tensor[N, C, H, W]), rois (Tensor[K, 5]) -> Tensor[K, C, ph, pw]."""
+        flat = self._pool(input, rois).flatten(1)
+        return self._pool(input, rois, self._offset(flat))
+
+    def _pool(self, input: Tensor, rois: Tensor, offset: Optional[Tensor] = None) -> Tensor:
+        if input.dim() == 4 and input.shape[1] != self.output_channels:
+            raise ValueError(f'input has {input.shape[1]} channels but this module was built with '
+                             f'output_channels={self.output_channels}')
+        return deform_roi_pool(input, rois, offset, self.output_size, self.spatial_scale,
+                               self.sampling_ratio, self.gamma, self.backend)
+
+    def _offset(self, flat: Tensor) -> Tensor:
+        return self.offset_fc(flat).view(-1, 2, *self.output_size)
+
+    def extra_repr(self) -> str:
+        return (f'output_size={self.output_size}, output_channels={self.output_channels}, '
+                f'spatial_scale={self.spatial_scale}, sampling_ratio={self.sampling_ratio}, '
+                f'gamma={self.gamma}, backend={self.backend!r}')
+
+
+class ModulatedDeformRoIPool(DeformRoIPool):
+    """DCNv2 modulated deformable RoI pooling (mmcv's ``ModulatedDeformRoIPoolPack``).
+
+    As :class:`DeformRoIPool`, and the pooled result is multiplied per bin by
+    ``mask_fc(plain pool)`` (Linear, ReLU, Linear, Sigmoid; last Linear zero-initialised, so a
+    fresh module returns 0.5 x aligned RoIAlign). Same arguments as :class:`DeformRoIPool`.
+    """
+
+    def __init__(self,
+                 output_size: _IntPair,
+                 output_channels: int,
+                 deform_fc_channels: int = 1024,
+                 spatial_scale: float = 1.0,
+                 sampling_ratio: int = 0,
+                 gamma: float = 0.1,
+                 backend: str = 'auto') -> None:
+        super().__init__(output_size, output_channels, deform_fc_channels, spatial_scale,
+                         sampling_ratio, gamma, backend)
+        bins = self.output_size[0] * self.output_size[1]
+        self.mask_fc = nn.Sequential(
+            nn.Linear(bins * output_channels, deform_fc_channels), nn.ReLU(inplace=True),
+            nn.Linear(deform_fc_channels, bins), nn.Sigmoid())
+        nn.init.zeros_(self.mask_fc[2].weight)
+        nn.init.zeros_(self.mask_fc[2].bias)
+
+    def forward(self, input: Tensor, rois: Tensor) -> Tensor:
+        """input (Tensor[N, C, H, W]), rois (Tensor[K, 5]) -> Tensor[K, C, ph, pw]."""
+        flat = self._pool(input, rois).flatten(1)
+        mask = self.mask_fc(flat).view(-1, 1, *self.output_size)
+        return self._pool(input, rois, self._offset(flat)) * mask
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f'backend must be one of {_BACKENDS}, got {backend!r}')
+    return backend
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if _check_backend(backend) == 'mmcv':
+        if device.type != 'cuda' or not _mmcv_has_cuda():
+            raise ValueError(f"backend='mmcv' needs a CUDA tensor and mmcv compiled with CUDA (mmcv has "
+                             f"no CPU kernel for deformable RoI pooling); input is on {device}: use "
+                             f"backend='native' or 'auto'")
+        return 'mmcv'
+    if backend == 'auto' and device.type == 'cuda' and _mmcv_has_cuda():
+        return 'mmcv'
+    return 'native'
+
+
+@functools.cache
+def _mmcv_has_cuda() -> bool:
+    try:
+        from mmcv.ops import get_compiling_cuda_version
+    except ImportError:
+        return False
+    return get_compiling_cuda_version() != 'not available'
+
+
+def _pair(value: _IntPair, name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f'{name} must be an int or a pair of ints, got {value!r}')
+    if min(pair) < 1:
+        raise ValueError(f'{name} must be positive, got {value!r}')
+    return pair
+
+
+def _check_args(input: Tensor, rois: Tensor, offset: Optional[Tensor], output_size: _IntPair,
+                spatial_scale: float, sampling_ratio: int) -> tuple[int, int]:
+    for name, t in (('input', input), ('rois', rois), ('offset', offset)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f'{name} must be a Tensor, got {type(t).__name__}')
+        if not t.is_floating_point():
+            raise TypeError(f'{name} must be a floating-point tensor (float16/bfloat16/float32/float64), '
+                            f'got {t.dtype}')
+        if t.device != input.device:
+            raise ValueError(f'{name} is on {t.device} but input is on {input.device}: move it with '
+                             f'.to(input.device)')
+    if input.dim() != 4:
+        raise ValueError(f'input must be a 4D tensor [N, C, H, W], got shape {tuple(input.shape)}')
+    n, _, h, w = input.shape
+    if rois.dim() != 2 or rois.shape[1] != 5:
+        raise ValueError(f'rois must have shape [K, 5] (batch_index, x1, y1, x2, y2), got '
+                         f'{tuple(rois.shape)}')
+    ph, pw = _pair(output_size, 'output_size')
+    k = rois.shape[0]
+    if offset is not None:
+        if offset.shape != (k, 2, ph, pw):
+            raise ValueError(f'offset must have shape [K, 2, ph, pw] = {[k, 2, ph, pw]} (one (dx, dy) '
+                             f'per RoI bin), got {list(offset.shape)}')
+        if offset.dtype != input.dtype:
+            raise TypeError(f'offset must have the dtype of input ({input.dtype}), got {offset.dtype}')
+    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int) or sampling_ratio < 0:
+        raise ValueError(f'sampling_ratio must be an int >= 0 (0: adaptive), got {sampling_ratio!r}')
+    if not spatial_scale > 0:
+        raise ValueError(f'spatial_scale must be > 0 (feature size / image size), got {spatial_scale!r}')
+    if k > 0:
+        if h == 0 or w == 0:
+            raise ValueError(f'input has an empty spatial size ({h}, {w}) but there are {k} RoIs')
+        lo, hi = rois[:, 0].detach().aminmax()
+        if lo < 0 or hi >= n:
+            raise ValueError(f'rois[:, 0] must be batch indices in [0, {n - 1}] for an input of batch '
+                             f'size {n}, got values in [{lo.item():g}, {hi.item():g}]')
+    return ph, pw
+
+
+# ----------------------------------------------------------------------------------------------
+# native backend
+
+
+class _Params(NamedTuple):
+    ph: int
+    pw: int
+    spatial_scale: float
+    sampling_ratio: int
+    gamma: float
+
+
+class _Axis(NamedTuple):
+    """1D bilinear profile along one axis of each bin of a group of RoIs: Tensor[Kg, ph, pw, L] each."""
+    index: Tensor  # pixel row (or column)
+    weight: Tensor  # summed bilinear weight of the bin's samples at that pixel
+    slope: Tensor  # its derivative w.r.t. the bin's offset
+
+
+class _Group(NamedTuple):
+    """RoIs of a chunk sharing a sampling grid; their matrix entries are the outer products y (x) x."""
+    ids: Tensor  # Tensor[Kg], RoI indices
+    y: _Axis  # weights include 1 / count, slopes gamma * roi_height / count
+    x: _Axis  # slopes include gamma * roi_width
+    entries: Tensor  # Tensor[Kg * ph * pw * Ly * Lx]: position of each outer-product entry in the CSR
+
+
+class _Chunk(NamedTuple):
+    rois: slice  # a run of RoIs; the matrix has their ph * pw bins as rows, in order
+    matrix: Tensor  # sparse CSR [rows, N * H * W]
+    groups: list[_Group]
+
+
+class _NativeDeformRoIPool(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, input: Tensor, rois: Tensor, offset: Optional[Tensor], p: _Params) -> Tensor:
+        n, c, h, w = input.shape
+        k = rois.shape[0]
+        table = _pixel_rows(input)
+        chunks = _plan(rois, offset, p, n, h, w)
+        rows = [torch.sparse.mm(chunk.matrix, table) for chunk in chunks]
+        if len(rows) == 1:
+            out = rows[0]
+        else:
+            out = torch.cat(rows) if rows else input.new_empty(0, c)
+        ctx.chunks, ctx.input_shape, ctx.memory_format = chunks, input.shape, _memory_format(input)
+        # the offset gradient reads the features; the input gradient needs only the matrices
+        ctx.save_for_backward(table if ctx.needs_input_grad[2] else None)
+        return out.view(k, p.ph, p.pw, c).permute(0, 3, 1, 2).contiguous()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Optional[Tensor], None, Optional[Tensor], None]:
+        (table,) = ctx.saved_tensors
+        need_input, _, need_offset, _ = ctx.needs_input_grad
+        n, c, h, w = ctx.input_shape
+        bins = grad_out.shape[2] * grad_out.shape[3]
+        grad_rows = grad_out.permute(0, 2, 3, 1).reshape(-1, c)
+        grad_input = grad_out.new_empty(ctx.input_shape, memory_format=ctx.memory_format) if need_input else None
+        grad_offset = grad_out.new_zeros(grad_out.shape[0], 2, *grad_out.shape[2:]) if need_offset else None
+        if need_input and not ctx.chunks:
+            grad_input.zero_()
+        for i, chunk in enumerate(ctx.chunks):
+            g = grad_rows[chunk.rois.start * bins:chunk.rois.stop * bins]
+            if need_input:
+                # one image at a time, so that only an image's [H * W, C] block is ever transposed
+                transposed = chunk.matrix.t().to_sparse_csr()
+                for b in range(n):
+                    part = torch.sparse.mm(_csr_rows(transposed, b * h * w, (b + 1) * h * w), g).t()
+                    dst = grad_input[b].view(c, h * w)
+                    dst.copy_(part) if i == 0 else dst.add_(part)
+            if need_offset:
+                # d out[r] / d offset = sum_e slope[e] * table[col[e]], dotted with grad_out[r]:
+                # sum_e slope[e] * (g[r] . table[col[e]]), one sampled dense-dense product for all e
+                dots = torch.sparse.sampled_addmm(chunk.matrix, g, table.t(), beta=0.0).values()
+                for group in chunk.groups:
+                    grad_offset[group.ids] = _offset_grad(group, dots)
+        return grad_input, None, grad_offset, None
+
+
+def _pixel_rows(input: Tensor) -> Tensor:
+    """Tensor[N * H * W, C], channels-last; copied an image at a time (a 2D transpose is fast)."""
+    n, c, h, w = input.shape
+    if input.is_contiguous(memory_format=torch.channels_last):
+        return input.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    table = input.new_empty(n, h * w, c)
+    for b in range(n):
+        table[b].copy_(input[b].reshape(c, h * w).t())
+    return table.view(n * h * w, c)
+
+
+def _csr_rows(matrix: Tensor, start: int, stop: int) -> Tensor:
+    """Rows [start, stop) of a CSR matrix, sharing its column and value storage."""
+    crow = matrix.crow_indices()[start:stop + 1]
+    first, last = int(crow[0]), int(crow[-1])
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', UserWarning)  # "Sparse CSR tensor support is in beta state"
+        return torch.sparse_csr_tensor(crow - first, matrix.col_indices()[first:last],
+                                       matrix.values()[first:last], (stop - start, matrix.shape[1]))
+
+
+def _memory_format(t: Tensor) -> torch.memory_format:
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _offset_grad(group: _Group, dots: Tensor) -> Tensor:
+    """Tensor[Kg, 2, ph, pw]: the separable sum over each bin's entries of slope * dot."""
+    wy, sy, wx, sx = group.y.weight, group.y.slope, group.x.weight, group.x.slope
+    d = dots[group.entries].view(*wy.shape, wx.shape[-1])
+    gx = ((d @ sx.unsqueeze(-1)).squeeze(-1) * wy).sum(-1)
+    gy = ((d @ wx.unsqueeze(-1)).squeeze(-1) * sy).sum(-1)
+    return torch.stack([gx, gy], 1)
+
+
+def _grid(size: Tensor, bins: int, sampling_ratio: int) -> Tensor:
+    if sampling_ratio > 0:
+        return torch.full_like(size, sampling_ratio, dtype=torch.long)
+    # mmcv's static_cast<int>(ceilf(roi_size / bins)): ceilf rounds to float32 first, even for double
+    return torch.ceil((size / bins).float()).long().clamp_min(0)
+
+
+def _plan(rois: Tensor, offset: Optional[Tensor], p: _Params, n: int, h: int, w: int) -> list[_Chunk]:
+    """Cut the RoIs into runs of bounded matrix size and build each run's CSR matrix."""
+    k = rois.shape[0]
+    if k == 0:
+        return []
+    x1, y1, x2, y2 = (rois[:, 1:] * p.spatial_scale - 0.5).unbind(1)
+    rw, rh = x2 - x1, y2 - y1
+    grid_h, grid_w = _grid(rh, p.ph, p.sampling_ratio), _grid(rw, p.pw, p.sampling_ratio)
+    start_x, start_y = x1.view(k, 1, 1), y1.view(k, 1, 1)
+    if offset is not None:
+        start_x = start_x + (p.gamma * rw).view(k, 1, 1) * offset[:, 0]
+        start_y = start_y + (p.gamma * rh).view(k, 1, 1) * offset[:, 1]
+    geometry = dict(
+        batch=rois[:, 0].long(), bin_h=rh / p.ph, bin_w=rw / p.pw, grid_h=grid_h, grid_w=grid_w,
+        start_y=start_y.expand(k, p.ph, p.pw), start_x=start_x.expand(k, p.ph, p.pw),
+        count=(grid_h * grid_w).clamp_min(1).to(rois.dtype), slope_y=p.gamma * rh, slope_x=p.gamma * rw)
+    # entries per RoI are at most bins * (g + 1)^2 with an adaptive grid (see _axis), else bins * 4 g^2
+    if p.sampling_ratio > 0:
+        bound = 4 * grid_h * grid_w
+    else:
+        bound = (grid_h + 1) * (grid_w + 1) * (grid_h * grid_w > 0)
+    first = torch.div(torch.cumsum(bound * (p.ph * p.pw), 0) - bound * (p.ph * p.pw), _CHUNK_ENTRIES,
+                      rounding_mode='floor')
+    sizes = torch.unique_consecutive(first, return_counts=True)[1].tolist()
+    chunks, start = [], 0
+    for size in sizes:
+        chunks.append(_chunk(slice(start, start + size), geometry, p, n, h, w))
+        start += size
+    return chunks
+
+
+def _chunk(run: slice, geometry: dict[str, Tensor], p: _Params, n: int, h: int, w: int) -> _Chunk:
+    """CSR matrix of a run of RoIs, built per group of RoIs sharing a sampling grid."""
+    g = {name: t[run] for name, t in geometry.items()}
+    grid_h, grid_w = g['grid_h'], g['grid_w']
+    device, dtype = grid_h.device, g['bin_h'].dtype
+    key = grid_h * (int(grid_w.max()) + 1) + grid_w
+    order = torch.argsort(key, stable=True)
+    sizes = torch.unique_consecutive(key[order], return_counts=True)[1].tolist()
+    bins = p.ph * p.pw
+    row_pos = torch.arange(p.ph, dtype=dtype, device=device).view(1, p.ph, 1)
+    col_pos = torch.arange(p.pw, dtype=dtype, device=device).view(1, 1, p.pw)
+    parts = []
+    per_roi = torch.zeros_like(grid_h)  # matrix entries per RoI
+    for ids in order.split(sizes):
+        gh, gw = int(grid_h[ids[0]]), int(grid_w[ids[0]])
+        if gh == 0 or gw == 0:  # degenerate RoI, no samples: mmcv outputs 0 (and no gradient)
+            continue
+        y = _axis(g['start_y'][ids], g['bin_h'][ids], row_pos, gh, h)
+        x = _axis(g['start_x'][ids], g['bin_w'][ids], col_pos, gw, w)
+        count = g['count'][ids].view(-1, 1, 1, 1)
+        y = y._replace(weight=y.weight / count, slope=y.slope * g['slope_y'][ids].view(-1, 1, 1, 1) / count)
+        x = x._replace(slope=x.slope * g['slope_x'][ids].view(-1, 1, 1, 1))
+        pixel = (g['batch'][ids] * (h * w)).view(-1, 1, 1, 1, 1) + (y.index * w).unsqueeze(-1)
+        col = (pixel + x.index.unsqueeze(-2)).flatten()
+        val = (y.weight.unsqueeze(-1) * x.weight.unsqueeze(-2)).flatten()
+        per_roi[ids] = bins * y.index.shape[-1] * x.index.shape[-1]
+        parts.append((ids, y, x, col, val))
+    # CSR rows in RoI order: scatter each group's entries to its rows' slots
+    per_row = (per_roi // bins).repeat_interleave(bins)
+    crow = torch.cat([per_row.new_zeros(1), torch.cumsum(per_row, 0)])
+    col = torch.empty(int(crow[-1]), dtype=torch.long, device=device)
+    val = torch.empty(int(crow[-1]), dtype=dtype, device=device)
+    groups = []
+    for ids, y, x, group_col, group_val in parts:
+        rows = ids.view(-1, 1) * bins + torch.arange(bins, device=device)
+        entries = (crow[rows].unsqueeze(-1) + torch.arange(group_col.numel() // rows.numel(), device=device))
+        entries = entries.flatten()
+        col[entries], val[entries] = group_col, group_val
+        groups.append(_Group(ids + run.start, y, x, entries))
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state", once per process
+        warnings.simplefilter('ignore', UserWarning)
+        matrix = torch.sparse_csr_tensor(crow, col, val, (per_row.numel(), n * h * w))
+    return _Chunk(run, matrix, groups)
+
+
+def _axis(start: Tensor, bin_size: Tensor, pos: Tensor, grid: int, length: int) -> _Axis:
+    """Bilinear profile along one axis of each bin of Kg RoIs, by mmcv's ``bilinear_interpolate``.
+
+    start (Tensor[Kg, ph, pw]): RoI start plus offset; bin_size (Tensor[Kg]); pos: the bins' index
+    along this axis, broadcastable to start; grid: samples per bin along this axis; length: H or W.
+    """
+    bs = bin_size.view(-1, 1, 1)
+    ticks = torch.arange(grid, dtype=start.dtype, device=start.device) + 0.5
+    # the kernel's operation order: (start + bin * bin_size) + (i + .5) * bin_size / grid
+    coord = (start + pos * bs).unsqueeze(-1) + ticks * bs.unsqueeze(-1) / grid
+    inside = ((coord >= -1) & (coord <= length)).to(coord.dtype)
+    clamped = coord.clamp(0, length - 1)
+    low = clamped.floor()
+    frac = clamped - low
+    low = low.long()
+    high = (low + 1).clamp_max(length - 1)  # where this clamps, frac is 0: high carries no weight
+    moving = inside * ((coord > 0) & (coord < length - 1)).to(coord.dtype)
+    w_low, w_high = (1 - frac) * inside, frac * inside
+    # With an adaptive grid the samples are <= 1 px apart, so their corners form a run of at most
+    # grid + 1 pixels: sum them onto that window rather than keeping 2 * grid corners.
+    base = low.amin(-1, keepdim=True)
+    span = int((high.amax(-1, keepdim=True) - base).max()) + 1
+    if span >= 2 * grid:
+        return _Axis(torch.cat([low, high], -1), torch.cat([w_low, w_high], -1),
+                     torch.cat([-moving, moving], -1))
+    base = base.clamp_max(length - span).clamp_min(0)
+    index = (base + torch.arange(span, device=start.device)).clamp_max(length - 1)
+    zeros = coord.new_zeros(*coord.shape[:-1], span)
+    lo, hi = low - base, high - base
+    weight = zeros.scatter_add(-1, lo, w_low).scatter_add_(-1, hi, w_high)
+    slope = zeros.scatter_add(-1, lo, -moving).scatter_add_(-1, hi, moving)
+    return _Axis(index, weight, slope)
+
+
+def _mmcv_deform_roi_pool(input: Tensor, rois: Tensor, offset: Optional[Tensor], output_size: tuple[int, int],
+                          spatial_scale: float, sampling_ratio: int, gamma: float) -> Tensor:
+    from mmcv.ops import deform_roi_pool as mmcv_deform_roi_pool
+
+    out = mmcv_deform_roi_pool(input.contiguous(), rois.contiguous(),
+                               None if offset is None else offset.contiguous(), output_size,
+                               spatial_scale, sampling_ratio, gamma)
+    # mmcv's backward reads grad_output through a raw pointer: it must be contiguous
+    return _ContiguousGrad.apply(out)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()

@@ -1,0 +1,62 @@
+import pytest
+import torch
+from mmdet.registry import MODELS
+from mmengine.registry import init_default_scope
+
+import dcn_det  # noqa: F401  registers
+
+
+def _extractor(layer='ModulatedDeformRoIPool', share=True, channels=8):
+    init_default_scope('mmdet')
+    return MODELS.build(dict(type='DeformRoIExtractor', out_channels=channels, featmap_strides=[4, 8, 16, 32],
+                             roi_layer=dict(type=layer, output_size=7, sampling_ratio=0, deform_fc_channels=32),
+                             share_offset_predictor=share))
+
+
+def _feats_and_rois(channels=8):
+    torch.manual_seed(0)
+    feats = tuple(torch.rand(2, channels, 128 // s, 128 // s) for s in (4, 8, 16, 32))
+    rois = torch.tensor([[0, 4., 4., 40., 30.], [1, 10., 20., 120., 110.], [0, 0., 0., 127., 127.],
+                         [1, 50., 60., 58., 70.]])
+    return feats, rois
+
+
+def test_fresh_pools_equal_roi_align_and_half_of_it():
+    """Zero-initialised offsets: DeformRoIPool == RoIAlign(aligned); the modulated one is half of it."""
+    feats, rois = _feats_and_rois()
+    plain = MODELS.build(dict(type='SingleRoIExtractor', out_channels=8, featmap_strides=[4, 8, 16, 32],
+                              roi_layer=dict(type='RoIAlign', output_size=7, sampling_ratio=0, aligned=True)))
+    expected = plain(feats, rois)
+    torch.testing.assert_close(_extractor('DeformRoIPool')(feats, rois), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_extractor()(feats, rois), 0.5 * expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_predictor_is_one_module_and_fewer_parameters():
+    shared, per_level = _extractor(share=True), _extractor(share=False)
+    assert all(layer.offset_fc is shared.roi_layers[0].offset_fc for layer in shared.roi_layers)
+    assert all(layer.mask_fc is shared.roi_layers[0].mask_fc for layer in shared.roi_layers)
+    assert per_level.roi_layers[1].offset_fc is not per_level.roi_layers[0].offset_fc
+    n_shared = sum(p.numel() for p in shared.parameters())
+    n_per_level = sum(p.numel() for p in per_level.parameters())
+    assert n_per_level == 4 * n_shared
+    assert [layer.spatial_scale for layer in shared.roi_layers] == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    assert shared.roi_layers[0].output_channels == 8  # filled in from out_channels
+
+
+def test_shared_predictor_gets_gradients_from_every_level():
+    extractor = _extractor()
+    feats, rois = _feats_and_rois()
+    for layer in extractor.roi_layers:  # make the output depend on the predictor
+        torch.nn.init.normal_(layer.offset_fc[-1].weight, std=0.01)
+    extractor(feats, rois).sum().backward()
+    assert extractor.roi_layers[0].offset_fc[0].weight.grad.abs().sum() > 0
+
+
+def test_no_rois_gives_empty_output():
+    feats, _ = _feats_and_rois()
+    assert _extractor()(feats, torch.zeros(0, 5)).shape == (0, 8, 7, 7)
+
+
+def test_unknown_layer_is_a_registry_error():
+    with pytest.raises(KeyError, match='NoSuchPool'):
+        _extractor('NoSuchPool')

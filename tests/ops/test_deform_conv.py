@@ -1,0 +1,549 @@
+"""Tests of dcn_det.ops.deform_conv2d (native / mmcv / torchvision backends) and the pack modules."""
+import math
+
+import mmcv.ops
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from mmengine.optim import build_optim_wrapper
+
+from dcn_det.ops import BACKENDS, DeformConv2dPack, ModulatedDeformConv2dPack, deform_conv2d
+from dcn_det.ops import deform_conv as dc
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+MMCV_CUDA = mmcv.ops.get_compiling_cuda_version() != 'not available'
+
+
+# ------------------------------------------------------------------------------------------------
+# slow, obviously correct reference (mmcv semantics), float64, differentiable with corners held fixed
+
+
+def _bilinear(img, h, w):
+    """Sample img (C, H, W) at (h, w) as mmcv's dmcn_im2col_bilinear, zero outside -1 < h < H etc."""
+    height, width = img.shape[1:]
+    hf, wf = float(h.detach()), float(w.detach())
+    if not (-1 < hf < height and -1 < wf < width):
+        return img.new_zeros(img.shape[0])
+    y0, x0 = math.floor(hf), math.floor(wf)
+    ly, lx = h - y0, w - x0
+    val = img.new_zeros(img.shape[0])
+    for y, x, wt in ((y0, x0, (1 - ly) * (1 - lx)), (y0, x0 + 1, (1 - ly) * lx),
+                     (y0 + 1, x0, ly * (1 - lx)), (y0 + 1, x0 + 1, ly * lx)):
+        if 0 <= y < height and 0 <= x < width:
+            val = val + wt * img[:, y, x]
+    return val
+
+
+def reference(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None):
+    """Deformable conv by explicit loops over every sample, as mmcv's im2col + matmul."""
+    n, c, _, _ = input.shape
+    c_out, cg, kh, kw = weight.shape
+    (sh, sw), (ph, pw), (dh, dw) = (nn.modules.utils._pair(v) for v in (stride, padding, dilation))
+    groups, k = c // cg, kh * kw
+    dg = offset.shape[1] // (2 * k)
+    cd = c // dg
+    h_out, w_out = offset.shape[2:]
+
+    def sample(b, g, kk, y, x):  # (cd,) values of offset group g, kernel point kk, output (y, x)
+        i, j = divmod(kk, kw)
+        h = y * sh - ph + i * dh + offset[b, 2 * (g * k + kk), y, x]
+        w = x * sw - pw + j * dw + offset[b, 2 * (g * k + kk) + 1, y, x]
+        v = _bilinear(input[b, g * cd:(g + 1) * cd], h, w)
+        return v if mask is None else v * mask[b, g * k + kk, y, x]
+
+    cols = torch.stack([  # (N, C, K, H_out, W_out)
+        torch.cat([
+            torch.stack([
+                torch.stack([torch.stack([sample(b, g, kk, y, x) for x in range(w_out)], -1)
+                             for y in range(h_out)], -2)
+                for kk in range(k)], 1)
+            for g in range(dg)], 0)
+        for b in range(n)])
+    og = c_out // groups
+    out = torch.cat([torch.einsum('ock,nckyx->noyx', weight[gi * og:(gi + 1) * og].reshape(og, cg, k),
+                                  cols[:, gi * cg:(gi + 1) * cg]) for gi in range(groups)], 1)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
+def make_inputs(n=2, c=4, h=6, w=5, c_out=3, kernel=(3, 3), groups=1, offset_groups=1, stride=1,
+                padding=1, dilation=1, modulated=True, scale=2.5, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    kh, kw = kernel
+    (sh, sw), (ph, pw), (dh, dw) = (nn.modules.utils._pair(v) for v in (stride, padding, dilation))
+    h_out = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    w_out = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    x = torch.randn(n, c, h, w, generator=gen, dtype=dtype)
+    offset = torch.randn(n, 2 * offset_groups * kh * kw, h_out, w_out, generator=gen, dtype=dtype) * scale
+    mask = torch.rand(n, offset_groups * kh * kw, h_out, w_out, generator=gen, dtype=dtype) \
+        if modulated else None
+    weight = torch.randn(c_out, c // groups, kh, kw, generator=gen, dtype=dtype)
+    bias = torch.randn(c_out, generator=gen, dtype=dtype)
+    return dict(input=x, offset=offset, weight=weight, bias=bias, stride=stride, padding=padding,
+                dilation=dilation, mask=mask)
+
+
+TENSORS = ('input', 'offset', 'mask', 'weight', 'bias')
+
+
+def forward_backward(fn, args, grad_seed=1):
+    """Run fn on leaf copies of args; return the output and the gradients of TENSORS."""
+    args = {k: (v.detach().requires_grad_() if isinstance(v, torch.Tensor) else v)  # keeps strides
+            for k, v in args.items()}
+    out = fn(**args)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype)
+    out.backward(grad)
+    return out.detach(), {k: args[k].grad for k in TENSORS if args.get(k) is not None}
+
+
+def native(**kw):
+    return deform_conv2d(**kw, backend='native')
+
+
+CONFIGS = {
+    'v2': dict(),
+    'v1': dict(modulated=False),
+    'groups2_offset_groups2': dict(c=4, c_out=4, groups=2, offset_groups=2),
+    'offset_groups4_one_channel_each': dict(c=4, offset_groups=4),
+    'stride2_dilation2_kernel3x2': dict(h=7, w=8, kernel=(3, 2), stride=2, padding=2, dilation=2),
+    'tuple_args_no_padding': dict(h=6, w=7, stride=(1, 2), padding=(0, 1), dilation=(2, 1)),
+}
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_native_matches_reference_forward_and_gradients(name):
+    # scale 2.5 puts many samples outside the image and on its edges
+    args = make_inputs(**CONFIGS[name])
+    out_ref, grads_ref = forward_backward(reference, args)
+    out, grads = forward_backward(native, args)
+    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
+    assert grads.keys() == grads_ref.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], grads_ref[k], rtol=1e-10, atol=1e-10, msg=k)
+
+
+@pytest.mark.parametrize('backend', ['mmcv', 'torchvision'])
+@pytest.mark.parametrize('name', CONFIGS)
+def test_compiled_backends_match_reference_forward(name, backend):
+    args = make_inputs(**CONFIGS[name])
+    torch.testing.assert_close(deform_conv2d(**args, backend=backend), reference(**args))
+
+
+def test_reference_is_not_trivially_zero():
+    # guard against a vacuous reference: outside samples exist and the output depends on offsets
+    args = make_inputs()
+    moved = dict(args, offset=args['offset'] + 0.25)
+    assert not torch.allclose(reference(**args), reference(**moved))
+
+
+def test_gradcheck_native_modulated():
+    args = make_inputs(n=2, c=2, h=4, w=4, c_out=2, scale=1.3, seed=3)
+    tensors = [args[k].requires_grad_() for k in TENSORS]
+
+    def fn(x, offset, mask, weight, bias):
+        return native(input=x, offset=offset, weight=weight, bias=bias, padding=1, mask=mask)
+
+    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-6)
+
+
+def test_gradcheck_native_groups_v1():
+    args = make_inputs(n=1, c=4, h=4, w=3, c_out=2, groups=2, offset_groups=2, stride=2,
+                       modulated=False, scale=1.3, seed=4)
+
+    def fn(x, offset, weight, bias):
+        return native(input=x, offset=offset, weight=weight, bias=bias, stride=2, padding=1)
+
+    tensors = [args[k].requires_grad_() for k in ('input', 'offset', 'weight', 'bias')]
+    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# golden cases
+
+
+# detectron2's tests/layers/test_deformable.py: arange(25) 5x5 input, 3x3 ones weight, padding 1,
+# every offset 0.5 (samples at half-pixels, reading zeros beyond the border)
+GOLDEN = torch.tensor([[30.00, 41.25, 48.75, 45.00, 28.75],
+                       [62.25, 81.00, 90.00, 80.25, 50.25],
+                       [99.75, 126.0, 135.0, 117.75, 72.75],
+                       [105.0, 131.25, 138.75, 120.0, 73.75],
+                       [71.75, 89.25, 93.75, 80.75, 49.50]])
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_golden_forward(backend):
+    x = torch.arange(25.).view(1, 1, 5, 5)
+    offset = torch.full((1, 18, 5, 5), 0.5)
+    weight = torch.ones(1, 1, 3, 3)
+    out = deform_conv2d(x, offset, weight, padding=1, backend=backend)
+    torch.testing.assert_close(out[0, 0], GOLDEN)
+    half = deform_conv2d(x, offset, weight, padding=1, mask=torch.full((1, 9, 5, 5), 0.5), backend=backend)
+    torch.testing.assert_close(half[0, 0], GOLDEN / 2)
+
+
+# Offset gradient of out.sum() at zero offsets, x = [[1, 2, 3], [4, 5, 6], [7, 8, 9]], 3x3 ones
+# weight, padding 1. Kernel point k samples (y - 1 + k // 3, x - 1 + k % 3) for output (y, x); at an
+# integer sample (h, w) mmcv's gradient is the right-sided difference x[h + 1, w] - x[h, w] (dy) and
+# x[h, w + 1] - x[h, w] (dx), x reading 0 outside, and 0 when h or w is -1 or 3 (outside the open
+# interval (-1, 3)).
+GOLDEN_GRAD_MMCV = {
+    'dy_k0': [[0, 0, 0], [0, 3, 3], [0, 3, 3]],      # samples (y-1, x-1): row -1 and column -1 give 0
+    'dx_k0': [[0, 0, 0], [0, 1, 1], [0, 1, 1]],
+    'dy_k8': [[3, 3, 0], [-8, -9, 0], [0, 0, 0]],    # samples (y+1, x+1): row 2 steps into the zero pad
+    'dx_k8': [[1, -6, 0], [1, -9, 0], [0, 0, 0]],
+}
+# torchvision has no "h > -1" test in get_coordinate_weight: on row -1 / column -1 it differentiates
+# towards row 0 / column 0 instead of giving 0.
+GOLDEN_GRAD_TORCHVISION = dict(GOLDEN_GRAD_MMCV, dy_k0=[[0, 1, 2], [0, 3, 3], [0, 3, 3]],
+                               dx_k0=[[0, 0, 0], [1, 1, 1], [4, 1, 1]])
+CHANNEL = {'dy_k0': 0, 'dx_k0': 1, 'dy_k8': 16, 'dx_k8': 17}
+
+
+def _golden_offset_grad(backend, mask):
+    x = torch.arange(1., 10.).view(1, 1, 3, 3)
+    offset = torch.zeros(1, 18, 3, 3, requires_grad=True)
+    deform_conv2d(x, offset, torch.ones(1, 1, 3, 3), padding=1, mask=mask, backend=backend).sum().backward()
+    return offset.grad[0]
+
+
+@pytest.mark.parametrize('backend,expected', [('native', GOLDEN_GRAD_MMCV), ('mmcv', GOLDEN_GRAD_MMCV),
+                                              ('torchvision', GOLDEN_GRAD_TORCHVISION)])
+@pytest.mark.parametrize('modulated', [False, True])
+def test_golden_offset_gradient_at_zero_offset(backend, expected, modulated):
+    mask = torch.full((1, 9, 3, 3), 0.5) if modulated else None
+    grad = _golden_offset_grad(backend, mask)
+    scale = 0.5 if modulated else 1.0
+    for key, channel in CHANNEL.items():
+        torch.testing.assert_close(grad[channel], torch.tensor(expected[key]) * scale, msg=key)
+
+
+def _edge_inputs(seed=0):
+    # offsets in multiples of 0.5 in [-1.5, 1.5] put samples exactly on -1, H-1, H, integers and
+    # half-pixels inside and outside the 4x5 image
+    gen = torch.Generator().manual_seed(seed)
+    args = make_inputs(n=2, c=3, h=4, w=5, c_out=2, seed=seed)
+    args['offset'] = torch.randint(-3, 4, args['offset'].shape, generator=gen).double() * 0.5
+    return args
+
+
+@pytest.mark.parametrize('modulated', [False, True])
+def test_edge_samples_native_and_mmcv_match_reference(modulated):
+    args = _edge_inputs()
+    if not modulated:
+        args['mask'] = None
+    out_ref, grads_ref = forward_backward(reference, args)
+    for backend in ('native', 'mmcv'):
+        out, grads = forward_backward(lambda **kw: deform_conv2d(**kw, backend=backend), args)
+        torch.testing.assert_close(out, out_ref, msg=backend)
+        for k in grads:
+            torch.testing.assert_close(grads[k], grads_ref[k], msg=f'{backend} {k}')
+
+
+def test_edge_samples_torchvision_differs_only_on_minus_one():
+    args = _edge_inputs()
+    _, grads_ref = forward_backward(reference, args)
+    _, grads_tv = forward_backward(lambda **kw: deform_conv2d(**kw, backend='torchvision'), args)
+    for k in ('input', 'mask', 'weight', 'bias'):
+        torch.testing.assert_close(grads_tv[k], grads_ref[k], msg=k)
+    # sample coordinates of every offset channel (dy channels hold h, dx channels w)
+    n, _, h_out, w_out = args['offset'].shape
+    k_idx = torch.arange(9)
+    base_h = (torch.arange(h_out).view(1, -1, 1) - 1 + (k_idx // 3).view(-1, 1, 1)).double()
+    base_w = (torch.arange(w_out).view(1, 1, -1) - 1 + (k_idx % 3).view(-1, 1, 1)).double()
+    off = args['offset'].view(n, 9, 2, h_out, w_out)
+    h, w = base_h + off[:, :, 0], base_w + off[:, :, 1]
+    on_minus_one = ((h == -1) | (w == -1)).unsqueeze(2).expand(n, 9, 2, h_out, w_out).reshape(off.shape[0], 18,
+                                                                                              h_out, w_out)
+    differs = ~torch.isclose(grads_tv['offset'], grads_ref['offset'])
+    assert differs.any()
+    assert not (differs & ~on_minus_one).any()
+
+
+@pytest.mark.parametrize('modulated', [False, True])
+def test_native_equals_mmcv_gradients_at_zero_offsets(modulated):
+    # the initial state of every DCN layer: all samples on integer positions
+    args = make_inputs(n=2, c=8, h=7, w=6, c_out=4, modulated=modulated, dtype=torch.float32)
+    args['offset'] = torch.zeros_like(args['offset'])
+    out_n, g_n = forward_backward(native, args)
+    out_m, g_m = forward_backward(lambda **kw: deform_conv2d(**kw, backend='mmcv'), args)
+    torch.testing.assert_close(out_n, out_m, rtol=1e-5, atol=1e-5)
+    for k in g_n:
+        torch.testing.assert_close(g_n[k], g_m[k], rtol=1e-4, atol=1e-4, msg=k)
+    _, g_tv = forward_backward(lambda **kw: deform_conv2d(**kw, backend='torchvision'), args)
+    assert not torch.allclose(g_n['offset'], g_tv['offset'], rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# backends agree, layouts, batch 0, chunking, precision
+
+
+@pytest.mark.parametrize('name', ['v2', 'v1', 'groups2_offset_groups2', 'stride2_dilation2_kernel3x2'])
+def test_backends_agree_on_cpu(name):
+    args = make_inputs(**dict(CONFIGS[name], n=3), dtype=torch.float32)  # batch 3: mmcv v1 im2col step
+    out_n, g_n = forward_backward(native, args)
+    out_m, g_m = forward_backward(lambda **kw: deform_conv2d(**kw, backend='mmcv'), args)
+    out_t = deform_conv2d(**args, backend='torchvision')
+    torch.testing.assert_close(out_n, out_m, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_n, out_t, rtol=1e-5, atol=1e-5)
+    for k in g_n:
+        torch.testing.assert_close(g_n[k], g_m[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+def test_auto_backend():
+    assert dc._resolve_backend('auto', torch.device('cpu')) == 'native'
+    assert dc._resolve_backend('torchvision', torch.device('cpu')) == 'torchvision'
+    expected_cuda = 'mmcv' if MMCV_CUDA else 'torchvision'
+    assert dc._resolve_backend('auto', torch.device('cuda')) == expected_cuda
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_batch_zero(backend):
+    args = make_inputs(n=0, dtype=torch.float32)
+    out, grads = forward_backward(lambda **kw: deform_conv2d(**kw, backend=backend), args)
+    assert out.shape == (0, 3, 6, 5)
+    assert grads['input'].shape == (0, 4, 6, 5)
+    assert torch.equal(grads['weight'], torch.zeros(3, 4, 3, 3))
+
+
+def test_non_contiguous_and_channels_last_inputs():
+    args = make_inputs(dtype=torch.float32)
+    out, grads = forward_backward(native, args)
+    # same values through transposed storage and a channels-last input
+    strided = dict(args, offset=args['offset'].transpose(2, 3).contiguous().transpose(2, 3),
+                   weight=args['weight'].transpose(0, 1).contiguous().transpose(0, 1),
+                   mask=torch.stack((args['mask'], args['mask']), -1)[..., 0],
+                   input=args['input'].contiguous(memory_format=torch.channels_last))
+    assert not strided['offset'].is_contiguous() and not strided['mask'].is_contiguous()
+    out_s, grads_s = forward_backward(native, strided)
+    torch.testing.assert_close(out_s, out)
+    assert out_s.is_contiguous(memory_format=torch.channels_last)
+    for k in grads:
+        torch.testing.assert_close(grads_s[k], grads[k], msg=k)
+
+
+@pytest.mark.parametrize('rows_per_chunk', [1, 4])
+def test_chunked_equals_unchunked(monkeypatch, rows_per_chunk):
+    # 6 output rows per image: chunks of 4 rows straddle the two images, chunks of 1 split them
+    args = make_inputs(n=2, c=4, h=6, w=5, offset_groups=2)
+    out, grads = forward_backward(native, args)
+    row_bytes = 5 * 9 * 4 * 8  # W_out * K * C * float64
+    monkeypatch.setattr(dc, '_CHUNK_BYTES', rows_per_chunk * row_bytes)
+    out_c, grads_c = forward_backward(native, args)
+    torch.testing.assert_close(out_c, out, rtol=1e-12, atol=1e-12)
+    for k in grads:
+        torch.testing.assert_close(grads_c[k], grads[k], rtol=1e-12, atol=1e-12, msg=k)
+
+
+def test_chunk_size_is_bounded(monkeypatch):
+    calls = []
+    real = dc._embedding_bag
+
+    def spy(table, idx, psw):
+        calls.append(idx.shape[0])
+        return real(table, idx, psw)
+
+    monkeypatch.setattr(dc, '_embedding_bag', spy)
+    monkeypatch.setattr(dc, '_CHUNK_BYTES', 2 * 5 * 9 * 4 * 8)
+    native(**make_inputs(n=2, c=4, h=6, w=5))
+    assert calls == [2 * 5 * 9] * 6  # 12 output rows in chunks of 2 rows x 5 columns x 9 samples
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_low_precision_inputs(dtype, backend):
+    args = make_inputs(dtype=torch.float32, scale=1.0)
+    low = {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    out, grads = forward_backward(lambda **kw: deform_conv2d(**kw, backend=backend), low)
+    assert out.dtype == dtype
+    assert all(grads[k].dtype == dtype for k in grads)
+    exact = deform_conv2d(**{k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in low.items()},
+                          backend='native')
+    torch.testing.assert_close(out.float(), exact, rtol=2e-2, atol=5e-2)
+
+
+def test_autocast_bf16_cpu():
+    torch.manual_seed(0)
+    layer = ModulatedDeformConv2dPack(4, 6, 3, padding=1, backend='native')
+    nn.init.normal_(layer.conv_offset.weight, std=0.1)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.float32  # the op returns its input's dtype
+    out.sum().backward()
+    assert layer.conv_offset.weight.grad.dtype == torch.float32
+    assert torch.isfinite(layer.conv_offset.weight.grad).all() and layer.conv_offset.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(out, layer(x), rtol=0.05, atol=0.05)
+
+
+class _TinyNet(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dcn = ModulatedDeformConv2dPack(8, 8, 3, padding=1, backend='native')
+        nn.init.normal_(self.dcn.conv_offset.weight, std=0.1)
+
+    def forward(self, x):
+        return self.dcn(F.relu(self.stem(x))).mean((2, 3))
+
+
+def test_torch_compile_aot_eager():
+    torch.manual_seed(0)
+    model = _TinyNet()
+    x = torch.randn(2, 3, 10, 10)
+    expected = model(x)
+    expected.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, backend='aot_eager')
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, expected)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g)
+
+
+# ------------------------------------------------------------------------------------------------
+# pack modules
+
+
+def test_modulated_pack_at_init_is_half_the_plain_conv():
+    layer = ModulatedDeformConv2dPack(4, 6, 3, padding=1)
+    assert layer.conv_offset.weight.abs().sum() == 0 and layer.conv_offset.bias.abs().sum() == 0
+    x = torch.randn(2, 4, 9, 7)
+    torch.testing.assert_close(layer(x), 0.5 * F.conv2d(x, layer.weight, padding=1) + layer.bias.view(1, -1, 1, 1))
+
+
+def test_deform_pack_at_init_is_the_plain_conv():
+    layer = DeformConv2dPack(4, 6, 3, stride=2, padding=1)
+    assert layer.conv_offset.weight.abs().sum() == 0 and layer.conv_offset.bias.abs().sum() == 0
+    x = torch.randn(2, 4, 9, 7)
+    torch.testing.assert_close(layer(x), F.conv2d(x, layer.weight, stride=2, padding=1))
+
+
+@pytest.mark.parametrize('ours,theirs', [(ModulatedDeformConv2dPack, mmcv.ops.ModulatedDeformConv2dPack),
+                                         (DeformConv2dPack, mmcv.ops.DeformConv2dPack)])
+def test_mmcv_state_dict_loads_strictly_and_gives_the_same_output(ours, theirs):
+    torch.manual_seed(0)
+    src = theirs(4, 6, 3, padding=1, deform_groups=2)
+    nn.init.normal_(src.conv_offset.weight, std=0.2)
+    dst = ours(4, 6, 3, padding=1, deform_groups=2, backend='native')
+    assert isinstance(dst, theirs)
+    dst.load_state_dict(src.state_dict(), strict=True)
+    x = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(dst(x), src(x), rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_version_is_mmcvs():
+    # checkpoints we write carry mmcv's _version (2), so mmcv's _load_from_state_dict treats them alike
+    parent = nn.Module()
+    parent.conv2 = ModulatedDeformConv2dPack(4, 4, 3, padding=1)
+    parent.conv3 = DeformConv2dPack(4, 4, 3, padding=1)
+    metadata = parent.state_dict()._metadata
+    assert metadata['conv2']['version'] == mmcv.ops.ModulatedDeformConv2dPack._version == 2
+    assert metadata['conv3']['version'] == mmcv.ops.DeformConv2dPack._version == 2
+
+
+def test_dcn_offset_lr_mult_reaches_conv_offset():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), ModulatedDeformConv2dPack(4, 4, 3, padding=1),
+                          DeformConv2dPack(4, 4, 3, padding=1))
+    wrapper = build_optim_wrapper(model, dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.02),
+                                              paramwise_cfg=dict(dcn_offset_lr_mult=0.1)))
+    lr = {id(p): group['lr'] for group in wrapper.optimizer.param_groups for p in group['params']}
+    for name, p in model.named_parameters():
+        assert lr[id(p)] == pytest.approx(0.002 if 'conv_offset' in name else 0.02), name
+
+
+# ------------------------------------------------------------------------------------------------
+# argument checks: one test per rule
+
+
+def _good():
+    return make_inputs(n=2, c=4, h=8, w=8, c_out=4, dtype=torch.float32)
+
+
+BAD = {
+    'input not a tensor': (dict(input=[[1.0]]), TypeError, 'input must be a Tensor'),
+    'integer input': (dict(input=torch.zeros(2, 4, 8, 8, dtype=torch.long)), TypeError,
+                      'input must be a floating-point tensor'),
+    'input not 4D': (dict(input=torch.zeros(4, 8, 8)), ValueError, r'input must be a 4D tensor'),
+    'offset channels': (dict(offset=torch.zeros(2, 17, 8, 8)), ValueError,
+                        r'offset must have 2\*offset_groups\*kh\*kw = 18 channels .* \(H_out, W_out\) = '
+                        r'\(8, 8\).* got \(2, 17, 8, 8\)'),
+    'offset size': (dict(offset=torch.zeros(2, 18, 7, 8)), ValueError,
+                    r'offset must have .* \(H_out, W_out\) = \(8, 8\).* got \(2, 18, 7, 8\)'),
+    'offset batch': (dict(offset=torch.zeros(1, 18, 8, 8)), ValueError, r'shape \(2, 18, 8, 8\), got \(1, 18'),
+    'offset groups do not divide C_in': (dict(offset=torch.zeros(2, 54, 8, 8), mask=torch.zeros(2, 27, 8, 8)),
+                                         ValueError, 'offset_groups = 3, which must divide C_in = 4'),
+    'mask shape': (dict(mask=torch.zeros(2, 8, 8, 8)), ValueError,
+                   r'mask must have offset_groups\*kh\*kw = 9 channels'),
+    'weight channels': (dict(weight=torch.zeros(4, 3, 3, 3)), ValueError, 'groups dividing C_in = 4'),
+    'out channels vs groups': (dict(weight=torch.zeros(3, 2, 3, 3), bias=torch.zeros(3)), ValueError,
+                               'divisible by groups'),
+    'bias size': (dict(bias=torch.zeros(5)), ValueError, 'bias must have C_out = 4 elements'),
+    'input too small': (dict(input=torch.zeros(2, 4, 1, 1), padding=0), ValueError, 'too small'),
+    'stride zero': (dict(stride=0), ValueError, 'stride must be >= 1'),
+    'negative padding': (dict(padding=-1), ValueError, 'padding must be >= 0'),
+    'dilation triple': (dict(dilation=(1, 1, 1)), TypeError, 'dilation must be an int or a pair of ints'),
+    'device mismatch': (dict(offset=torch.zeros(2, 18, 8, 8, device='meta')), ValueError,
+                        'offset is on meta but input is on cpu'),
+    'unknown backend': (dict(backend='cuda'), ValueError,
+                        r"backend must be one of \('auto', 'native', 'mmcv', 'torchvision'\), got 'cuda'"),
+}
+
+
+@pytest.mark.parametrize('case', BAD)
+def test_bad_arguments_raise(case):
+    change, error, match = BAD[case]
+    args = dict(_good(), padding=1)
+    args.update(change)
+    with pytest.raises(error, match=match):
+        deform_conv2d(**args)
+
+
+def test_good_arguments_pass():
+    # the baseline the BAD cases modify is itself valid
+    assert deform_conv2d(**dict(_good(), padding=1)).shape == (2, 4, 8, 8)
+
+
+def test_pack_rejects_unknown_backend():
+    with pytest.raises(ValueError, match='backend must be one of'):
+        ModulatedDeformConv2dPack(4, 4, 3, backend='fast')
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize('modulated', [False, True])
+def test_cuda_backends_agree(modulated):
+    args = make_inputs(n=3, c=8, h=9, w=7, c_out=6, offset_groups=2, modulated=modulated,
+                       dtype=torch.float32)
+    args = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    out_cpu, g_cpu = forward_backward(native, {k: (v.cpu() if isinstance(v, torch.Tensor) else v)
+                                               for k, v in args.items()})
+    backends = ['native', 'torchvision'] + (['mmcv'] if MMCV_CUDA else [])
+    for backend in backends:
+        out, grads = forward_backward(lambda **kw: deform_conv2d(**kw, backend=backend), args)
+        assert out.is_cuda
+        torch.testing.assert_close(out.cpu(), out_cpu, rtol=1e-4, atol=1e-4, msg=backend)
+        for k in ('input', 'weight', 'bias', 'mask'):
+            if k in grads:
+                torch.testing.assert_close(grads[k].cpu(), g_cpu[k], rtol=1e-3, atol=1e-3, msg=f'{backend} {k}')
+        if backend != 'torchvision':  # torchvision's offset gradient differs on -1 (module docstring)
+            torch.testing.assert_close(grads['offset'].cpu(), g_cpu['offset'], rtol=1e-3, atol=1e-3,
+                                       msg=backend)
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_pack_half():
+    layer = ModulatedDeformConv2dPack(4, 4, 3, padding=1).cuda()
+    x = torch.randn(2, 4, 8, 8, device='cuda')
+    with torch.autocast('cuda', dtype=torch.float16):
+        out = layer(x)
+    out.float().sum().backward()
+    torch.testing.assert_close(out.float(), layer(x), rtol=1e-2, atol=1e-2)

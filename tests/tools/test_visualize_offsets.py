@@ -1,0 +1,262 @@
+"""tools/visualize_offsets.py and dcn_det.visualization: composed sampling locations, the PNG, bad input."""
+import itertools
+import os.path as osp
+import sys
+
+import numpy as np
+import pytest
+import torch
+from mmengine.config import Config
+from PIL import Image
+
+from dcn_det import visualization as vis
+from tests._helpers import CONFIG_DIR, REPO, shrink_detector
+
+sys.path.insert(0, osp.join(REPO, 'tools'))
+import visualize_offsets  # noqa: E402
+
+GRID = torch.tensor(list(itertools.product((-1, 0, 1), repeat=2)), dtype=torch.float64)  # row-major (dy, dx)
+
+
+def offset_map(h=6, w=6, stride=1, pad=1, dil=1, in_stride=8, dy=0.0, dx=0.0, mask=None, name='layer'):
+    offset = torch.zeros(9, 2, h, w, dtype=torch.float64)
+    offset[:, 0], offset[:, 1] = dy, dx
+    mask = None if mask is None else torch.full((9, h, w), mask, dtype=torch.float64)
+    return vis.OffsetMap(name, offset, mask, (3, 3), (stride, stride), (pad, pad), (dil, dil), in_stride)
+
+
+# Composition and coordinates, on hand-made offset maps.
+
+def test_zero_offsets_give_the_regular_grid_times_the_feature_stride():
+    (points, weight), = vis.sampling_locations([offset_map(in_stride=8)], (2, 3))
+    assert torch.equal(points, torch.tensor([[2 * 8, 3 * 8]]) + GRID * 8)
+    assert torch.equal(weight, torch.ones(9, dtype=torch.float64))
+
+
+def test_strided_dilated_layer_samples_its_input_at_stride_times_unit():
+    # stride 2, padding 2, dilation 2 on a stride-16 input: unit (1, 1) reads rows/cols 0, 2, 4 -> 0, 32, 64 px
+    (points, _), = vis.sampling_locations([offset_map(stride=2, pad=2, dil=2, in_stride=16)], (1, 1))
+    assert points.tolist() == [[y, x] for y in (0, 32, 64) for x in (0, 32, 64)]
+
+
+def test_two_layers_compose_to_81_points_of_the_5x5_grid():
+    lower, top = offset_map(name='lower'), offset_map(name='top')
+    (p1, _), (p2, _) = vis.sampling_locations([lower, top], (2, 2))
+    centre = torch.tensor([16.0, 16.0], dtype=torch.float64)
+    assert torch.equal(p1, centre + GRID * 8)
+    # point j of level 2 is kernel point j % 9 of the unit at level-1 point j // 9
+    expected = torch.stack([centre + (a + b) * 8 for a in GRID for b in GRID])
+    assert torch.equal(p2, expected)
+    assert p2.unique(dim=0).shape[0] == 25
+
+
+def test_constant_offsets_shift_every_level_by_the_offset_times_stride():
+    shift = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    maps = [offset_map(dy=1.0, dx=0.5, name='lower'), offset_map(dy=1.0, dx=0.5, name='top')]
+    zero = vis.sampling_locations([offset_map(), offset_map()], (2, 2))
+    moved = vis.sampling_locations(maps, (2, 2))
+    assert torch.equal(moved[0][0], zero[0][0] + shift * 8)
+    # level 2: the units sampled are themselves shifted by one offset, then their own offset adds
+    assert torch.equal(moved[1][0], zero[1][0] + 2 * shift * 8)
+
+
+def test_lower_offsets_are_read_bilinearly_at_fractional_units():
+    lower = offset_map(name='lower')
+    lower.offset[:, 1] = torch.arange(6, dtype=torch.float64)  # dx = column index: bilinear is exact
+    top = offset_map(dx=0.5, name='top')  # top points fall half-way between lower units
+    (p1, _), (p2, _) = vis.sampling_locations([lower, top], (2, 2))
+    cols = p1[:, 1] / 8  # fractional columns of the lower layer's units
+    assert cols.frac().eq(0.5).all()
+    expected_x = torch.stack([(c + GRID[:, 1] + c) * 8 for c in cols]).flatten()  # regular + offset = c
+    assert torch.equal(p2[:, 1], expected_x)
+
+
+def test_dcnv2_weights_are_the_product_of_masks_along_each_path():
+    maps = [offset_map(mask=0.5, name='lower'), offset_map(mask=0.25, name='top')]
+    (_, w1), (_, w2) = vis.sampling_locations(maps, (2, 2))
+    assert torch.equal(w1, torch.full((9,), 0.25, dtype=torch.float64))
+    assert torch.equal(w2, torch.full((81,), 0.125, dtype=torch.float64))
+
+
+def test_resize_maps_pixel_centres_onto_pixel_centres():
+    # scale 2 (w, h): input pixels 0..1 cover original pixel 0, centre 0.5 -> 0
+    p = torch.tensor([[0.5, 1.0]], dtype=torch.float64)
+    assert vis.to_original(p, (2.0, 4.0)).tolist() == [[(0.5 + 0.5) / 4 - 0.5, (1.0 + 0.5) / 2 - 0.5]]
+    assert torch.allclose(vis.to_input(vis.to_original(p, (1.5, 0.75)), (1.5, 0.75)), p)
+
+
+def test_panels_pick_the_nearest_unit_and_map_back_to_the_original_image():
+    (panel,) = vis.make_panels([offset_map(in_stride=8)], [('p', (50.0, 20.0))], scale_factor=(0.5, 0.5))
+    # original (y=50, x=20) -> input (24.75, 9.75) -> unit (3, 1) at input (24, 8) -> original (48.5, 16.5)
+    assert panel.unit == (3, 1)
+    assert panel.centre == (48.5, 16.5)
+    assert torch.equal(panel.levels[0][0], vis.to_original(torch.tensor([[24.0, 8.0]]) + GRID * 8, (0.5, 0.5)))
+
+
+# The capture, on real deformable layers.
+
+@pytest.mark.parametrize('modulated', [True, False], ids=['DCNv2', 'DCNv1'])
+def test_capture_splits_offsets_and_masks_as_mmcv_does(modulated):
+    from dcn_det.ops import DeformConv2dPack, ModulatedDeformConv2dPack
+
+    layer = (ModulatedDeformConv2dPack if modulated else DeformConv2dPack)(4, 4, 3, stride=2, padding=1)
+    with torch.no_grad():
+        layer.conv_offset.weight.zero_()
+        layer.conv_offset.bias.zero_()
+        layer.conv_offset.bias[0:18:2] = 1.0  # dy of the 9 kernel points
+        layer.conv_offset.bias[1:18:2] = 0.5  # dx
+        if modulated:
+            layer.conv_offset.bias[18:] = 2.0  # mask logits
+    with vis.OffsetCapture({'layer': layer}) as capture, torch.no_grad():
+        layer(torch.rand(1, 4, 8, 8))
+    (m,) = capture.maps((64, 64))
+    assert (m.in_stride, m.out_stride, m.stride, tuple(m.offset.shape)) == (8, (16, 16), (2, 2), (9, 2, 4, 4))
+    assert m.offset[:, 0].eq(1.0).all() and m.offset[:, 1].eq(0.5).all()
+    assert m.mean_abs_offset() == pytest.approx((1 + 0.25) ** 0.5 * 8)
+    if modulated:
+        assert torch.allclose(m.mask, torch.sigmoid(torch.tensor(2.0, dtype=torch.float64)).expand(9, 4, 4))
+    else:
+        assert m.mask is None
+
+
+# The detector and the command line.
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    """A DCNv2 Faster R-CNN R18 (c3-c5 deformable) config, its fresh checkpoint and a 128x96 image."""
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+
+    root = tmp_path_factory.mktemp('vis')
+    cfg = Config.fromfile(osp.join(CONFIG_DIR, 'faster_rcnn_dcnv2.py'))
+    cfg.model.backbone.depth = 18
+    shrink_detector(cfg, base_channels=16)
+    for step in cfg.test_dataloader.dataset.pipeline:
+        if step.type == 'Resize':
+            step.scale = (128, 128)  # a 128x96 image keeps its size: scale factor 1
+    cfg.dump(str(root / 'tiny_dcnv2.py'))
+    cfg.model.backbone.dcn = None
+    cfg.dump(str(root / 'tiny_plain.py'))
+
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    model = MODELS.build(Config.fromfile(str(root / 'tiny_dcnv2.py')).model)
+    model.init_weights()
+    torch.save({'state_dict': model.state_dict()}, root / 'tiny.pth')
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(root / 'image.png')
+    return root
+
+
+def tiny_model(root):
+    model = vis.build_detector(Config.fromfile(str(root / 'tiny_dcnv2.py')))
+    vis.load_weights(model, torch.load(root / 'tiny.pth')['state_dict'])
+    return model
+
+
+def test_default_layers_are_the_last_three_in_forward_order(tiny):
+    model = tiny_model(tiny)
+    assert list(vis.select_layers(model)) == ['backbone.layer3.1.conv2', 'backbone.layer4.0.conv2',
+                                              'backbone.layer4.1.conv2']
+    assert list(vis.select_layers(model, ['layer4.1.conv2', 'backbone.layer2.0.conv2'])) == [
+        'backbone.layer4.1.conv2', 'backbone.layer2.0.conv2']
+
+
+def test_fresh_model_samples_the_regular_grid_and_a_bias_shifts_it(tiny):
+    import mmcv
+
+    model = tiny_model(tiny)
+    image = mmcv.imread(str(tiny / 'image.png'))
+    layers = vis.select_layers(model, ['backbone.layer4.0.conv2', 'backbone.layer4.1.conv2'])
+    maps, result = vis.capture(model, image, layers)
+    assert result.metainfo['scale_factor'] == (1.0, 1.0)
+    assert [(m.name, m.in_stride, m.out_stride) for m in maps] == [
+        ('backbone.layer4.0.conv2', 32, (32, 32)), ('backbone.layer4.1.conv2', 32, (32, 32))]
+    unit = (1, 2)
+    p = torch.tensor([32.0, 64.0], dtype=torch.float64)
+    (p1, w1), (p2, w2) = vis.sampling_locations(maps, unit)
+    assert torch.equal(p1, p + GRID * 32)
+    assert torch.equal(p2, torch.stack([p + (a + b) * 32 for a in GRID for b in GRID]))
+    assert torch.equal(w2, torch.full((81,), 0.25, dtype=torch.float64))  # sigmoid(0) twice
+
+    for layer in layers.values():
+        with torch.no_grad():
+            layer.conv_offset.bias[0:18:2] = 1.0
+            layer.conv_offset.bias[1:18:2] = 0.5
+    maps, _ = vis.capture(model, image, layers)
+    assert [m.mean_abs_offset() for m in maps] == [pytest.approx(1.25 ** 0.5 * 32)] * 2
+    (q1, _), (q2, _) = vis.sampling_locations(maps, unit)
+    shift = torch.tensor([1.0, 0.5], dtype=torch.float64) * 32
+    assert torch.equal(q1, p1 + shift)
+    assert torch.equal(q2, p2 + 2 * shift)
+
+
+def test_cli_writes_a_png_of_the_composed_points(tiny, capsys):
+    out = tiny / 'offsets.png'
+    assert visualize_offsets.main([str(tiny / 'tiny_dcnv2.py'), str(tiny / 'tiny.pth'), str(tiny / 'image.png'),
+                                   '--out', str(out), '--points', '64,48', '10,80']) == str(out)
+    with Image.open(out) as img:
+        img.verify()
+    with Image.open(out) as img:
+        assert img.format == 'PNG' and img.width >= 500 and img.height >= 300
+        pixels = np.asarray(img.convert('RGB'))
+    assert pixels.std() > 10  # not a blank canvas
+    stdout = capsys.readouterr().out
+    for name, stride in (('layer3.1.conv2', 16), ('layer4.0.conv2', 32), ('layer4.1.conv2', 32)):
+        assert f'backbone.{name}: output stride {stride}, mean |offset| 0.000 px, mean mask 0.500' in stdout
+    assert stdout.count('729 sampling points') == 2
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--layers', 'backbone.layer4.7.conv2'],
+     "'backbone.layer4.7.conv2' is not a deformable layer of this model; choose from backbone.layer2.0.conv2, "),
+    (['--layers', 'layer4.1.conv2', 'backbone.layer4.1.conv2'], 'layer backbone.layer4.1.conv2 is given twice'),
+    (['--points', '128,10'], 'point 128,10 is outside the 128x96 image'),
+    (['--out', 'offsets.jpg'], "--out 'offsets.jpg' must end in .png"),
+], ids=['unknown-layer', 'layer-twice', 'point-outside', 'not-png'])
+def test_bad_arguments_fail_in_one_line(tiny, capsys, extra, message):
+    with pytest.raises(SystemExit) as exc:
+        visualize_offsets.main([str(tiny / 'tiny_dcnv2.py'), str(tiny / 'tiny.pth'), str(tiny / 'image.png'),
+                                '--out', str(tiny / 'never.png'), *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count('\n') == 1
+    assert not (tiny / 'never.png').exists()
+
+
+def test_existing_out_is_refused_and_left_alone(tiny, capsys):
+    out = tiny / 'taken.png'
+    out.write_bytes(b'precious')
+    with pytest.raises(SystemExit):
+        visualize_offsets.main([str(tiny / 'tiny_dcnv2.py'), str(tiny / 'tiny.pth'), str(tiny / 'image.png'),
+                                '--out', str(out)])
+    assert f"error: '{out}' exists: remove it or choose another --out" in capsys.readouterr().err
+    assert out.read_bytes() == b'precious'
+
+
+@pytest.mark.parametrize('config, checkpoint, image, message', [
+    ('missing.py', 'tiny.pth', 'image.png', "config '{root}/missing.py' does not exist"),
+    ('tiny_dcnv2.py', 'missing.pth', 'image.png', "checkpoint '{root}/missing.pth' does not exist"),
+    ('tiny_dcnv2.py', 'tiny.pth', 'missing.png', "image '{root}/missing.png' does not exist"),
+    ('tiny_dcnv2.py', 'tiny_dcnv2.py', 'image.png', 'cannot be loaded'),
+    ('tiny_dcnv2.py', 'tiny.pth', 'tiny_plain.py', 'is not an image file that OpenCV can read'),
+    ('tiny_plain.py', 'tiny.pth', 'image.png', 'the model has no deformable layer in its backbone'),
+], ids=['config', 'checkpoint', 'image', 'checkpoint-not-torch', 'image-not-image', 'no-dcn'])
+def test_bad_files_fail_in_one_line(tiny, capsys, config, checkpoint, image, message):
+    with pytest.raises(SystemExit):
+        visualize_offsets.main([str(tiny / config), str(tiny / checkpoint), str(tiny / image),
+                                '--out', str(tiny / 'never.png')])
+    err = capsys.readouterr().err
+    assert message.format(root=tiny) in err and err.count('\n') == 1
+    assert not (tiny / 'never.png').exists()
+
+
+def test_checkpoint_of_another_model_is_refused(tiny, capsys):
+    state = torch.load(tiny / 'tiny.pth')['state_dict']
+    del state['backbone.layer4.1.conv2.conv_offset.weight']
+    torch.save({'state_dict': state}, tiny / 'partial.pth')
+    with pytest.raises(SystemExit):
+        visualize_offsets.main([str(tiny / 'tiny_dcnv2.py'), str(tiny / 'partial.pth'), str(tiny / 'image.png'),
+                                '--out', str(tiny / 'never.png')])
+    err = capsys.readouterr().err
+    assert "does not belong to this config's model" in err and 'layer4.1.conv2.conv_offset.weight' in err

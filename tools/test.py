@@ -1,0 +1,97 @@
+"""Evaluate a checkpoint: ``python tools/test.py CONFIG CHECKPOINT`` -> COCO bbox mAP (pycocotools).
+
+mmdet's ``tools/test.py`` with dcn_det's checks. The checkpoint is loaded with
+``torch.load(weights_only=True)`` (checkpoints written by dcn_det always are) and strictly: one that
+belongs to another model is refused with the keys that differ. ``--trust-checkpoint`` loads a foreign
+checkpoint that pickles Python objects (it can run code: only for files you trust). The AP table is
+printed and written to ``<work_dir>/test_metrics.json``; ``--show-dir`` paints detections; ``--out``
+dumps raw predictions (.pkl).
+"""
+import argparse
+import json
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from mmengine.config import DictAction  # noqa: E402
+
+from dcn_det.checkpoint import CheckpointLoadError, load_checkpoint_file  # noqa: E402
+from dcn_det.cli import UsageError, build_runner, fail, load_config, set_local_rank  # noqa: E402
+
+AP_NAMES = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'bbox_mAP_s', 'bbox_mAP_m', 'bbox_mAP_l')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Test (and evaluate) a detector')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--work-dir', help='where the metrics go (default work_dirs/<config name>)')
+    parser.add_argument('--out', help='dump raw predictions to this .pkl file (must not exist)')
+    parser.add_argument('--show-dir', help='write images with detections painted to work_dir/<time>/SHOW_DIR')
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help='allow a checkpoint that pickles Python objects (can run code)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, key=value (mmengine syntax)')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def check_state_dict(model, state: dict, path: str) -> None:
+    """Raise UsageError unless ``state`` has exactly the model's keys and shapes."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        def few(keys):
+            return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        raise UsageError(f'checkpoint {path!r} does not belong to this config\'s model: missing keys '
+                         f'{few(missing)}, unexpected keys {few(unexpected)}, shape mismatches {few(shapes)}')
+
+
+def main(argv=None) -> dict:
+    from mmengine.model import is_model_wrapper
+
+    args = parse_args(argv)
+    set_local_rank(args.local_rank)
+    try:
+        if args.out is not None:
+            if not args.out.endswith(('.pkl', '.pickle')):
+                raise UsageError(f'--out {args.out!r} must end in .pkl')
+            if osp.exists(args.out):
+                raise UsageError(f'--out {args.out!r} exists: remove it or choose another path')
+        cfg = load_config(args.config, args.cfg_options, args.work_dir)
+        cfg.launcher = args.launcher
+        ckpt = load_checkpoint_file(args.checkpoint, trust=args.trust_checkpoint)
+        state = ckpt.get('state_dict', ckpt)
+        cfg.load_from = None  # loaded strictly below instead of leniently by the runner
+        cfg.setdefault('custom_hooks', []).append(dict(type='ProgressBarHook'))
+        if args.show_dir:
+            from mmdet.engine.hooks.utils import trigger_visualization_hook
+            args.show, args.wait_time = False, 0
+            cfg = trigger_visualization_hook(cfg, args)
+        runner = build_runner(cfg)
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        check_state_dict(model, state, args.checkpoint)
+    except (UsageError, CheckpointLoadError) as e:
+        fail(str(e))
+    model.load_state_dict(state, strict=True)
+    if args.out is not None:
+        from mmdet.evaluation import DumpDetResults
+        runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
+    metrics = runner.test()
+    if runner.rank == 0:
+        rows = [(k, metrics[f'coco/{k}']) for k in AP_NAMES if f'coco/{k}' in metrics]
+        print('\n'.join([f'{"metric":<14}{"value":>8}'] + [f'{k:<14}{v:>8.3f}' for k, v in rows]))
+        out = osp.join(cfg.work_dir, 'test_metrics.json')
+        with open(out, 'w') as f:
+            json.dump({'config': args.config, 'checkpoint': args.checkpoint,
+                       'metrics': {k: float(v) for k, v in metrics.items()}}, f, indent=2)
+        print(f'metrics written to {out}')
+    return metrics
+
+
+if __name__ == '__main__':
+    main()
