@@ -7,10 +7,12 @@ offsets) and for dcn_det's ``deform_conv2d`` with each backend. Runs are interle
 mmcv, torchvision, dense, ...) and summarised by medians, so that load from other processes hits all
 of them alike; ratios are to the dense median of the same run.
 
-Peak extra memory is the memory one forward+backward needs on top of its inputs: on CUDA
-``torch.cuda.max_memory_allocated`` minus the allocation before the call; on CPU the growth of the
-process's peak resident set (``ru_maxrss``) over one call in a fresh subprocess (so allocator caches
-from earlier runs do not hide it; it includes a backend's one-off buffers).
+Peak extra memory is the most tensor memory one forward+backward holds at once on top of its inputs
+(output, temporaries and the returned gradients included), after one warm-up call on a 4x4 input:
+on CUDA ``torch.cuda.max_memory_allocated`` minus the allocation before the call; on CPU the running
+sum of the allocations and frees that the PyTorch profiler records (``profile_memory=True``), which
+also sees the tensors mmcv's and torchvision's C++ kernels allocate. (Not the process's resident set,
+which glibc's heap leaves higher and noisier.)
 
     .venv/bin/python benchmarks/bench_deform_conv.py                # c3,c4,c5, 5 repeats
     .venv/bin/python benchmarks/bench_deform_conv.py --shapes c5 --repeats 11 --no-memory
@@ -18,22 +20,22 @@ from earlier runs do not hide it; it includes a backend's one-off buffers).
 import argparse
 import json
 import platform
-import resource
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 SHAPES = {'c3': (128, 64), 'c4': (256, 32), 'c5': (512, 16)}
 METHODS = ('dense', 'native', 'mmcv', 'torchvision')
 
 
-def make_inputs(shape: str, device: str, batch: int = 2, seed: int = 0) -> dict:
-    channels, size = SHAPES[shape]
+def make_inputs(shape: str, device: str, batch: int = 2, seed: int = 0, size: int = 0) -> dict:
+    channels, size = SHAPES[shape][0], size or SHAPES[shape][1]
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*s, std=1.0):
@@ -81,31 +83,27 @@ def time_shape(shape: str, methods: list, repeats: int, device: str) -> dict:
 
 
 def peak_memory(shape: str, method: str, device: str) -> int:
-    """Bytes one forward+backward needs beyond its inputs (see the module docstring)."""
+    """Bytes of tensors one forward+backward allocates beyond its inputs, at their peak."""
+    tensors = make_inputs(shape, device)
+    step(method, make_inputs(shape, device, batch=1, size=4))  # library set-up, not the op's memory
     if device.startswith('cuda'):
-        tensors = make_inputs(shape, device)
-        step(method, tensors)  # the kernels' one-off workspaces are not what we are after on CUDA
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         step(method, tensors)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    probe = subprocess.run([sys.executable, __file__, '--memory-probe', shape, method],
-                           capture_output=True, text=True, check=True)
-    return int(probe.stdout.strip().splitlines()[-1])
-
-
-def memory_probe(shape: str, method: str) -> None:
-    import dcn_det.ops  # noqa: F401  (imports outside the measured window)
-    import mmcv.ops  # noqa: F401
-    import torchvision.ops  # noqa: F401
-
-    tensors = make_inputs(shape, 'cpu')
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step(method, tensors)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) * 1024)  # ru_maxrss is in KiB on Linux
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(method, tensors)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / 'trace.json'
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())['traceEvents']
+    live = peak = 0
+    for e in sorted((e for e in events if e.get('name') == '[memory]'), key=lambda e: e['ts']):
+        live += e['args']['Bytes']
+        peak = max(peak, live)
+    return peak
 
 
 def device_name(device: str) -> str:
@@ -128,11 +126,7 @@ def main(argv=None) -> int:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
     parser.add_argument('--out', default='work_dirs/bench/deform_conv.json', help='JSON results path')
-    parser.add_argument('--memory-probe', nargs=2, metavar=('SHAPE', 'METHOD'), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.memory_probe:
-        memory_probe(*args.memory_probe)
-        return 0
 
     shapes = args.shapes.split(',')
     methods = args.methods.split(',')

@@ -10,7 +10,9 @@ aspect 1:3 to 3:1, sorted by image as mmdet's ``bbox2roi`` makes them), 7 x 7 ou
 reported for information. Variants are interleaved in every repeat and the medians are reported as
 ratios to ``torchvision.ops.roi_align(aligned=True)`` measured in the same run. Peak memory: on CUDA
 ``max_memory_allocated`` during one forward+backward; on CPU (Linux) the peak RSS over one
-forward+backward above the RSS before it (``VmHWM`` after a reset), each variant in a fresh process. Writes ``work_dirs/bench/deform_roi_pool.json``.
+forward+backward above the RSS before it (``VmHWM`` after a reset), each variant in a fresh process.
+Writes ``work_dirs/bench/deform_roi_pool.json``; ``OMP_NUM_THREADS=1`` gives the one-core comparison
+(torchvision's CPU roi_align is single-threaded, the native op is not).
 """
 import argparse
 import json

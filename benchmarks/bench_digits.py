@@ -50,6 +50,9 @@ from dcn_det.ops import DeformConv2dPack, ModulatedDeformConv2dPack
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 VARIANTS = ('regular', 'dcnv1', 'dcnv2')
+# A control, not run by default: the deformable layers' place taken by regular convs with dilation 2,
+# i.e. a fixed, wider grid (what a uniform +1 px radial offset would give).
+CONTROLS = ('dilated',)
 PACKS = {'dcnv1': DeformConv2dPack, 'dcnv2': ModulatedDeformConv2dPack}
 CHANNELS = (16, 32, 64, 64)
 CANVAS, NOMINAL = 40, 16.0
@@ -70,16 +73,19 @@ class DigitNet(nn.Module):
 
     def __init__(self, variant: str = 'regular', deform_layers: int = 2) -> None:
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f'variant must be one of {VARIANTS}, got {variant!r}')
+        if variant not in VARIANTS + CONTROLS:
+            raise ValueError(f'variant must be one of {VARIANTS + CONTROLS}, got {variant!r}')
         if not 0 <= deform_layers <= len(CHANNELS):
             raise ValueError(f'deform_layers must be in [0, {len(CHANNELS)}], got {deform_layers}')
         layers = []
         c_in = 1
         for i, c_out in enumerate(CHANNELS):
-            deformable = variant != 'regular' and i >= len(CHANNELS) - deform_layers
-            conv = PACKS[variant](c_in, c_out, 3, padding=1, bias=False) if deformable \
-                else nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+            if variant == 'regular' or i < len(CHANNELS) - deform_layers:
+                conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+            elif variant == 'dilated':
+                conv = nn.Conv2d(c_in, c_out, 3, padding=2, dilation=2, bias=False)
+            else:
+                conv = PACKS[variant](c_in, c_out, 3, padding=1, bias=False)
             block = [conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
             if i < 2:
                 block.append(nn.MaxPool2d(2))
@@ -106,17 +112,27 @@ def build(variant: str, deform_layers: int, seed: int) -> DigitNet:
 
 
 def radial_offset(offset: Tensor) -> Tensor:
-    """Mean outward displacement of the 8 outer points of a 3x3 grid (Tensor[N, 18, H, W]) -> Tensor[N].
+    """Outward displacement of the 8 outer points of a 3x3 grid, averaged over them.
 
-    Channels 2k, 2k+1 hold (dy, dx) of kernel point k (row-major); the outward direction of point k is
-    its position relative to the centre, normalised.
+    offset (Tensor[N, 18, H, W]): channels 2k, 2k+1 hold (dy, dx) of kernel point k (row-major).
+    Returns Tensor[N, H, W]: the mean over the outer points of the offset projected on the unit vector
+    from the centre to the point (> 0: a wider grid, as a larger dilation would give).
     """
     ky, kx = torch.meshgrid(torch.arange(3.0) - 1, torch.arange(3.0) - 1, indexing='ij')
     position = torch.stack((ky.flatten(), kx.flatten()), -1)  # (9, 2)
     outer = position.norm(dim=1) > 0
     unit = position[outer] / position[outer].norm(dim=1, keepdim=True)
-    off = offset.reshape(offset.shape[0], 9, 2, -1)[:, outer]  # (N, 8, 2, H*W)
-    return (off * unit[None, :, :, None]).sum(2).mean((1, 2))
+    off = offset.unflatten(1, (9, 2))[:, outer]  # (N, 8, 2, H, W)
+    return (off * unit[None, :, :, None, None]).sum(2).mean(1)
+
+
+def on_digit(boxes: Tensor, size: int) -> Tensor:
+    """Which cells of a ``size`` x ``size`` map have their centre inside the digit's box (Tensor[N, 4],
+    canvas pixels) -> Tensor[N, size, size] bool."""
+    centre = (torch.arange(size) + 0.5) * CANVAS / size
+    inside_x = (centre >= boxes[:, 0:1]) & (centre <= boxes[:, 2:3])
+    inside_y = (centre >= boxes[:, 1:2]) & (centre <= boxes[:, 3:4])
+    return inside_y[:, :, None] & inside_x[:, None, :]
 
 
 def scale_bin(scale: Tensor, scale_range: Sequence[float]) -> Tensor:
@@ -126,7 +142,8 @@ def scale_bin(scale: Tensor, scale_range: Sequence[float]) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(net: DigitNet, x: Tensor, y: Tensor, bins: Tensor) -> dict:
+def evaluate(net: DigitNet, x: Tensor, y: Tensor, scale_range: Sequence[float], scale: Tensor,
+             boxes: Tensor) -> dict:
     net.eval()
     radial = []
     hook = None
@@ -136,11 +153,14 @@ def evaluate(net: DigitNet, x: Tensor, y: Tensor, bins: Tensor) -> dict:
     pred = torch.cat([net(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)])
     if hook is not None:
         hook.remove()
+    bins = scale_bin(scale, scale_range)
     correct = (pred == y).float()
     result = dict(acc=correct.mean().item(),
                   acc_by_scale={b: correct[bins == i].mean().item() for i, b in enumerate(SCALE_BINS)})
-    if radial:
+    if radial:  # over the cells on the digit, then over the digits of each scale third
         r = torch.cat(radial)
+        mask = on_digit(boxes, r.shape[-1])
+        r = (r * mask).sum((1, 2)) / mask.sum((1, 2))
         result['radial_offset_by_scale'] = {b: r[bins == i].mean().item() for i, b in enumerate(SCALE_BINS)}
     return result
 
@@ -173,8 +193,9 @@ def train_one(variant: str, seed: int, data: dict, args: argparse.Namespace) -> 
             opt.step()
             sched.step()
         epoch_times.append(time.perf_counter() - start)
-    result = evaluate(net, *data['test'])
-    result.update(seed=seed, epoch_s=statistics.mean(epoch_times), final_loss=loss.item())
+    result = evaluate(net, scale_range=args.scale_range, **data['test'])
+    result.update(seed=seed, epoch_s=statistics.mean(epoch_times), final_loss=loss.item(),
+                  params=sum(p.numel() for p in net.parameters()))
     return result
 
 
@@ -182,17 +203,17 @@ def load_data(args: argparse.Namespace) -> dict:
     images, labels = load_digit_images()
     train_idx, test_idx = split_indices(labels, test_fraction=1 / 3, seed=args.data_seed)
     test_images = images[test_idx].repeat(args.test_copies, 1, 1)
-    x_test, scale, _ = render_scaled(test_images, seed=10_000 + args.data_seed, canvas=CANVAS, nominal=NOMINAL,
-                                  scale_range=args.scale_range)
+    x_test, scale, boxes = render_scaled(test_images, seed=10_000 + args.data_seed, canvas=CANVAS,
+                                         nominal=NOMINAL, scale_range=args.scale_range)
     y_test = labels[test_idx].repeat(args.test_copies)
     return dict(train=(images[train_idx], labels[train_idx]),
-                test=(x_test, y_test, scale_bin(scale, args.scale_range)))
+                test=dict(x=x_test, y=y_test, scale=scale, boxes=boxes))
 
 
 def summarise(runs: list[dict]) -> dict:
     accs = [100 * r['acc'] for r in runs]
     summary = dict(mean=statistics.mean(accs), std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                   epoch_s=statistics.mean(r['epoch_s'] for r in runs),
+                   epoch_s=statistics.mean(r['epoch_s'] for r in runs), params=runs[0]['params'],
                    acc_by_scale={b: 100 * statistics.mean(r['acc_by_scale'][b] for r in runs)
                                  for b in SCALE_BINS})
     if 'radial_offset_by_scale' in runs[0]:
@@ -212,8 +233,8 @@ def table(result: dict) -> str:
         radial = ' / '.join(f"{s['radial_offset_by_scale'][b]:+.2f}" for b in SCALE_BINS) \
             if 'radial_offset_by_scale' in s else '-'
         pub = [f'{PUBLISHED[r][v]:.2f}' if v in PUBLISHED[r] else '-' for r in refs]
-        lines.append(f"| {v} | {s['mean']:.2f} ± {s['std']:.2f} | {by_scale} | {s['epoch_s']:.2f} | {radial} | "
-                     + ' | '.join(pub) + ' |')
+        row = [v, f"{s['mean']:.2f} ± {s['std']:.2f}", by_scale, f"{s['epoch_s']:.2f}", radial, *pub]
+        lines.append('| ' + ' | '.join(row) + ' |')
     return '\n'.join(lines)
 
 
@@ -222,7 +243,7 @@ def plot(result: dict, path: str) -> None:
     from matplotlib.figure import Figure  # no pyplot: no global backend, Agg via savefig
 
     variants = list(result['variants'])
-    colours = dict(zip(VARIANTS, ('tab:gray', 'tab:blue', 'tab:orange')))
+    colours = dict(zip(VARIANTS + CONTROLS, ('tab:gray', 'tab:blue', 'tab:orange', 'tab:green'), strict=True))
     fig = Figure(figsize=(10, 4), layout='constrained')
     ours, published = fig.subplots(1, 2, width_ratios=(1, 1.3))
     s = result['variants']
@@ -233,19 +254,20 @@ def plot(result: dict, path: str) -> None:
         for seed_run in result['runs'][v]:
             ours.plot(i, 100 * seed_run['acc'], 'k.', ms=4)
     lo, hi = result['scale_range']
-    ours.set_title(f"ours: digits at {lo:g}-{hi:g}x, {len(result['seeds'])} seeds, "
+    ours.set_title(f"ours: digits at {lo:g}-{hi:g}x, {len(result['seeds'])} seed(s), "
                    f"{result['epochs']} epochs", fontsize=9)
     ours.set_ylabel('test accuracy (%)')
     ours.set_ylim(0, 100)
     width = 0.8 / len(VARIANTS)
     for j, v in enumerate(VARIANTS):
-        xs = [i for i, r in enumerate(PUBLISHED) if v in PUBLISHED[r]]
-        published.bar([i + (j - 1) * width for i in xs], [PUBLISHED[r][v] for r in PUBLISHED if v in PUBLISHED[r]],
-                      width, label=v, color=colours[v])
+        points = [(i, ref[v]) for i, ref in enumerate(PUBLISHED.values()) if v in ref]
+        bars = published.bar([i + (j - 1) * width for i, _ in points], [acc for _, acc in points], width,
+                             label=v, color=colours[v])
+        published.bar_label(bars, fmt='%.1f', fontsize=8)
     published.set_xticks(range(len(PUBLISHED)), [r.replace(' (', '\n(') for r in PUBLISHED], fontsize=8)
     published.set_ylim(0, 100)
     published.set_title('published (other protocols: see bench_digits.py)', fontsize=9)
-    published.legend(fontsize=8, loc='lower right')
+    published.legend(fontsize=8, loc='upper right')
     os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
 
@@ -255,7 +277,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     parser.add_argument('--epochs', type=int, default=12)
     parser.add_argument('--quick', action='store_true', help='smoke run: 1 seed, 4 epochs, 1 test copy')
-    parser.add_argument('--variants', nargs='+', choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument('--variants', nargs='+', choices=VARIANTS + CONTROLS, default=list(VARIANTS))
     parser.add_argument('--deform-layers', type=int, default=2, help='how many of the 4 convs, from the top')
     parser.add_argument('--scale-range', nargs=2, type=float, default=(0.5, 2.0), metavar=('LO', 'HI'))
     parser.add_argument('--train-scale-range', nargs=2, type=float, metavar=('LO', 'HI'),
@@ -273,7 +295,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         args.seeds, args.epochs, args.test_copies = args.seeds[:1], 4, 1
     torch.set_num_threads(args.threads)
     data = load_data(args)
-    print(f'{len(data["train"][1])} train digits (re-drawn each epoch), {len(data["test"][1])} test images, '
+    print(f'{len(data["train"][1])} train digits (re-drawn each epoch), '
+          f'{len(data["test"]["y"])} test images, '
           f'scales {args.scale_range[0]:g}-{args.scale_range[1]:g}x of {NOMINAL:g} px on {CANVAS}x{CANVAS}; '
           f'torch threads {torch.get_num_threads()}', flush=True)
     runs: dict[str, list] = {v: [] for v in args.variants}
@@ -286,7 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     result = dict(seeds=args.seeds, epochs=args.epochs, deform_layers=args.deform_layers,
                   scale_range=list(args.scale_range),
                   train_scale_range=list(args.train_scale_range or args.scale_range), lr=args.lr,
-                  offset_lr_mult=args.offset_lr_mult, test_images=len(data['test'][1]),
+                  offset_lr_mult=args.offset_lr_mult, test_images=len(data['test']['y']),
                   threads=torch.get_num_threads(), published=PUBLISHED,
                   variants={v: summarise(r) for v, r in runs.items()}, runs=runs)
     print('\n' + table(result))

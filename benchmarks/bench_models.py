@@ -126,7 +126,7 @@ def main() -> None:
 
     data = inputs(args.size, args.device)
     models = {v: build(v, args.device) for v in args.variants}
-    for v, m in models.items():  # warm-up
+    for m in models.values():  # warm-up
         train_step(m, data, args.device), infer(m, data, args.device)
     times = {v: {'train': [], 'infer': []} for v in models}
     for _ in range(args.repeats):
@@ -150,8 +150,9 @@ def main() -> None:
           '| offset predictors (M) |')
     print('| --- | --- | --- | --- | --- | --- | --- | --- |')
     for v, r in rows.items():
-        print(f"| {v} | {r['train_s']:.2f} | {r['train_ratio']:.2f} | {r['infer_s']:.2f} | {r['infer_ratio']:.2f} | "
-              f"{r['peak_mib']:.0f} | {r['params']['total'] / 1e6:.1f} | {r['params']['offset_predictors'] / 1e6:.1f} |")
+        print(f"| {v} | {r['train_s']:.2f} | {r['train_ratio']:.2f} | {r['infer_s']:.2f} | {r['infer_ratio']:.2f} "
+              f"| {r['peak_mib']:.0f} | {r['params']['total'] / 1e6:.1f} "
+              f"| {r['params']['offset_predictors'] / 1e6:.1f} |")
     print(f'\nwritten to {args.out}')
 
 

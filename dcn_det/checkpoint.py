@@ -10,6 +10,7 @@ only when the user names that file with ``--trust-checkpoint`` (:func:`load_chec
 import os
 import os.path as osp
 import pickle
+import zipfile
 from collections import OrderedDict
 from typing import Any
 
@@ -32,6 +33,11 @@ def load_checkpoint_file(path: str, *, trust: bool = False, map_location: Any = 
     """
     if not osp.isfile(path):
         raise CheckpointLoadError(f'checkpoint {path!r} does not exist')
+    with open(path, 'rb') as f:
+        magic = f.read(2)
+    # torch.save writes a zip archive (legacy files: a pickle, which starts with the PROTO opcode)
+    if not (zipfile.is_zipfile(path) or magic[:1] == b'\x80'):
+        raise CheckpointLoadError(f'{path!r} is not a PyTorch checkpoint (neither a torch.save archive nor a pickle)')
     try:
         return torch.load(path, map_location=map_location, weights_only=not trust)
     except pickle.UnpicklingError as e:
@@ -40,6 +46,28 @@ def load_checkpoint_file(path: str, *, trust: bool = False, map_location: Any = 
             f'{path!r} holds pickled Python objects, so it cannot be loaded with weights_only=True '
             f'({first[:200]}). Checkpoints written by dcn_det never do; if you trust this file, pass '
             '--trust-checkpoint to load it with full unpickling (it can run code).') from None
+    except (RuntimeError, EOFError, IndexError, ValueError) as e:
+        raise CheckpointLoadError(f'{path!r} is not a PyTorch checkpoint ({type(e).__name__}: {e})') from None
+
+
+def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str) -> None:
+    """``model.load_state_dict(state_dict, strict=True)``, a mismatch told in one line.
+
+    Raises:
+        CheckpointLoadError: the keys or shapes differ; the message names them (``source`` names
+            the file), as a checkpoint of another model or config would.
+    """
+    own = model.state_dict()
+    problems = {
+        'missing keys': sorted(set(own) - set(state_dict)),
+        'unexpected keys': sorted(set(state_dict) - set(own)),
+        'shape mismatches': sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape),
+    }
+    if any(problems.values()):
+        raise CheckpointLoadError(f"{source} does not belong to this config's model: " + '; '.join(
+            f"{len(keys)} {name} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+            for name, keys in problems.items() if keys))
+    model.load_state_dict(state_dict, strict=True)
 
 
 def to_weights_only(obj: Any) -> Any:

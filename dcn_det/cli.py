@@ -4,7 +4,7 @@ import os.path as osp
 import sys
 from typing import NoReturn, Optional
 
-from mmengine.config import Config
+from mmengine.config import Config, DictAction  # noqa: F401  DictAction: for the tools' argparse
 
 
 class UsageError(Exception):

@@ -48,7 +48,6 @@ def main() -> int:
         import mmengine
         import torch
         import torchvision
-
         from mmcv.ops import get_compiling_cuda_version
         print(f'torch {torch.__version__} (cuda available: {torch.cuda.is_available()}), '
               f'torchvision {torchvision.__version__}, mmengine {mmengine.__version__}, '

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-LEVEL_COLOURS = ('#ffe119', '#f58231', '#e6194b', '#911eb4', '#4363d8')  # top layer first
-UNIT_COLOUR = '#3cb44b'  # the activation unit: green, as in the papers
+LEVEL_COLOURS = ('#ffd700', '#00a2ff', '#ff1a1a', '#b000ff', '#00e0a0')  # top layer first; deepest red-ish
+UNIT_COLOUR = '#22dd22'  # the activation unit: green, as in the papers
 
 
 @dataclass
@@ -76,7 +76,7 @@ def is_modulated(layer: nn.Module) -> bool:
 def _feature_stride(input_hw: Sequence[int], feat_hw: Sequence[int]) -> int:
     """The power-of-two stride that turns an ``input_hw`` image into an ``feat_hw`` map."""
     for k in range(8):  # stride-2 convs with padding give ceil(h / 2) at each step
-        if all(math.ceil(i / 2**k) == f for i, f in zip(input_hw, feat_hw)):
+        if all(math.ceil(i / 2**k) == f for i, f in zip(input_hw, feat_hw, strict=True)):
             return 2**k
     return 2**round(math.log2(input_hw[0] / feat_hw[0]))  # convs without padding: floor instead
 
@@ -119,9 +119,10 @@ class OffsetCapture:
         if missing:
             raise RuntimeError(f'deformable layers {missing} did not call their conv_offset in the forward '
                                'pass: their offsets cannot be captured')
-        return [self._split(name, feat_hw, out) for name, (feat_hw, out) in self._raw.items()]
+        return [self._split(name, _feature_stride(input_hw, feat_hw), out)
+                for name, (feat_hw, out) in self._raw.items()]
 
-    def _split(self, name: str, feat_hw: Tuple[int, int], out: Tensor) -> OffsetMap:
+    def _split(self, name: str, in_stride: int, out: Tensor) -> OffsetMap:
         layer = self.layers[name]
         conv = layer.conv_offset
         kh, kw = conv.kernel_size
@@ -135,7 +136,7 @@ class OffsetCapture:
         # mmcv's layout: channel (g * K + k) * 2 + {0: dy, 1: dx}
         offset = offset.reshape(-1, kh * kw, 2, *offset.shape[-2:]).mean(0)
         return OffsetMap(name, offset, mask, (kh, kw), tuple(conv.stride), tuple(conv.padding),
-                         tuple(conv.dilation), _feature_stride(input_hw, feat_hw))
+                         tuple(conv.dilation), in_stride)
 
 
 def _bilinear(field: Tensor, pos: Tensor) -> Tensor:
@@ -188,7 +189,8 @@ def sampling_locations(maps: Sequence[OffsetMap], unit: Tuple[int, int]) -> List
         kernel = torch.stack((ky * dil[0] - pad[0], kx * dil[1] - pad[1]), -1).reshape(-1, 2)  # [K, 2]
         regular = pos[:, None, :] * torch.tensor(stride, dtype=torch.float64) + kernel  # [P, K, 2]
         points = (regular + _bilinear(m.offset, pos)) * m.in_stride
-        mask = torch.ones(len(pos), kh * kw, dtype=torch.float64) if m.mask is None else _bilinear(m.mask, pos)
+        ones = torch.ones(len(pos), kh * kw, dtype=torch.float64)
+        mask = ones if m.mask is None else _bilinear(m.mask, pos)
         weight = (weight[:, None] * mask).reshape(-1)
         levels.append((points.reshape(-1, 2), weight))
     return levels
@@ -211,8 +213,10 @@ def to_input(points: Tensor, scale_factor: Sequence[float]) -> Tensor:
 
 @dataclass
 class Panel:
-    """One activation unit to draw: its centre and its composed sampling locations, original pixels."""
+    """One image point explained: the unit of the top layer nearest to it, its centre and its composed
+    sampling locations (``(y, x)`` original pixels)."""
     label: str
+    point: Tuple[float, float]
     unit: Tuple[int, int]
     centre: Tuple[float, float]
     levels: List[Tuple[Tensor, Tensor]]
@@ -224,36 +228,43 @@ def plot_sampling(image: np.ndarray, panels: Sequence[Panel], layer_names: Seque
 
     Each level gets one colour (the top layer's 9 points largest, the deepest level's smallest);
     with DCNv2 masks a point's opacity and size follow its path weight, relative to its level's
-    largest. Written through a temporary file, so ``out`` is either complete or absent.
+    largest. The image is drawn mostly desaturated, so that the points stand out on any colour.
+    Written through a temporary file, so ``out`` is either complete or absent.
     """
     from matplotlib.colors import to_rgba
     from matplotlib.figure import Figure  # no pyplot: no global backend, Agg via savefig
 
     h, w = image.shape[:2]
+    grey = image.astype(np.float32).mean(-1, keepdims=True)
+    background = (0.25 * image + 0.75 * grey).astype(np.uint8)
     panel_w = 5.0
-    fig = Figure(figsize=(panel_w * len(panels), panel_w * h / w + 0.9), layout='constrained')
+    fig = Figure(figsize=(panel_w * len(panels), panel_w * h / w + 1.2), layout='constrained')
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     n = len(layer_names)
-    for ax, panel in zip(axes, panels):
-        ax.imshow(image)
+    for ax, panel in zip(axes, panels, strict=True):
+        ax.imshow(background)
         for i in reversed(range(n)):  # deepest level first, so the top layer's points stay visible
             points, weight = panel.levels[i]
             rel = (weight / weight.max()).numpy() if weight.max() > 0 else np.ones(len(weight))
             colour = np.tile(np.array(to_rgba(LEVEL_COLOURS[i % len(LEVEL_COLOURS)])), (len(rel), 1))
             colour[:, 3] = 0.25 + 0.75 * rel
-            size = (40.0 / (i + 1)) * (0.3 + 0.7 * rel)
-            ax.scatter(points[:, 1].numpy(), points[:, 0].numpy(), s=size, c=colour, linewidths=0,
+            size = (48.0 / (i + 1)) * (0.3 + 0.7 * rel)
+            ax.scatter(points[:, 1].numpy(), points[:, 0].numpy(), s=size, c=colour,
+                       edgecolors='black' if i == 0 else 'none', linewidths=0.6,
                        label=f'{layer_names[n - 1 - i]}: {len(points)} pts')
-        ax.scatter([panel.centre[1]], [panel.centre[0]], s=120, marker='*', c=UNIT_COLOUR,
-                   edgecolors='white', linewidths=0.8, label='activation unit')
+        ax.scatter([panel.centre[1]], [panel.centre[0]], s=160, marker='*', c=UNIT_COLOUR,
+                   edgecolors='black', linewidths=0.8, label='activation unit')
         ax.set_xlim(-0.5, w - 0.5)
         ax.set_ylim(h - 0.5, -0.5)
         ax.set_axis_off()
-        ax.set_title(f'{panel.label}: unit (row {panel.unit[0]}, col {panel.unit[1]})', fontsize=8)
+        ax.set_title(f'{panel.label} at x={panel.point[1]:.0f}, y={panel.point[0]:.0f}: '
+                     f'unit (row {panel.unit[0]}, col {panel.unit[1]})', fontsize=8)
     handles, labels = axes[0].get_legend_handles_labels()
     order = [len(labels) - 1] + list(reversed(range(len(labels) - 1)))  # unit, then top layer first
-    fig.legend([handles[i] for i in order], [labels[i] for i in order], loc='outside lower center',
-               ncol=min(len(labels), 4), fontsize=8, markerscale=1.5)
+    legend = fig.legend([handles[i] for i in order], [labels[i] for i in order], loc='outside lower center',
+                        ncol=min(len(labels), 2 if len(panels) == 1 else 4), fontsize=8, markerscale=1.5)
+    for handle in legend.legend_handles:
+        handle.set_alpha(1)  # a handle takes its first point's opacity
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
     tmp = f'{out}.tmp-{os.getpid()}.png'
@@ -277,27 +288,16 @@ def build_detector(cfg) -> nn.Module:
     import dcn_det  # noqa: F401  registers DCNResNet even for configs without custom_imports
 
     cfg.model.backbone.init_cfg = None
-    with warnings.catch_warnings():  # "checkpoint is None, use COCO classes": the weights come later
-        warnings.simplefilter('ignore')
+    # record=True swallows init_detector's "checkpoint is None, use COCO classes": the weights come later
+    with warnings.catch_warnings(record=True):
         return init_detector(cfg, checkpoint=None, device='cpu')
 
 
-def load_weights(model: nn.Module, state_dict: dict, source: str = 'checkpoint') -> None:
-    """``model.load_state_dict(state_dict, strict=True)``, a mismatch told in one line.
+def select_layers(model: nn.Module, names: Optional[Sequence[str]] = None,
+                  count: int = 3) -> Dict[str, nn.Module]:
+    """The backbone's deformable layers ``names`` (``backbone.`` may be left off), else its last ``count``.
 
-    Raises:
-        ValueError: ``state_dict`` does not belong to ``model`` (``source`` names it).
-    """
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        detail = ' '.join(str(e).split())
-        raise ValueError(f'{source} does not belong to this config\'s model: '
-                         f'{detail[:300]}{"..." if len(detail) > 300 else ""}') from None
-
-
-def select_layers(model: nn.Module, names: Optional[Sequence[str]] = None, count: int = 3) -> Dict[str, nn.Module]:
-    """The backbone's deformable layers called ``names`` (``backbone.`` may be left off), or its last ``count``.
+    Returned in the order given; :class:`OffsetCapture` orders them as they run.
 
     Raises:
         ValueError: the backbone has no deformable layer, or a name is not one of them (the message
@@ -359,9 +359,10 @@ def make_panels(maps: Sequence[OffsetMap], points: Sequence[Tuple[str, Tuple[flo
     """For each ``(label, (y, x))`` original-pixel point: the unit of ``maps[-1]`` nearest to it, composed."""
     panels = []
     for label, point in points:
-        unit = nearest_unit(maps[-1], to_input(torch.tensor(point, dtype=torch.float64), scale_factor))
+        at_input = to_input(torch.tensor(point, dtype=torch.float64), scale_factor)
+        unit = nearest_unit(maps[-1], at_input.tolist())
         centre = to_original(torch.tensor(unit, dtype=torch.float64) * torch.tensor(maps[-1].out_stride),
                              scale_factor)
         levels = [(to_original(p, scale_factor), wt) for p, wt in sampling_locations(maps, unit)]
-        panels.append(Panel(label, unit, tuple(centre.tolist()), levels))
+        panels.append(Panel(label, tuple(point), unit, tuple(centre.tolist()), levels))
     return panels

@@ -1,8 +1,6 @@
 """Shared test helpers."""
 import os.path as osp
 
-import torch
-
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIG_DIR = osp.join(REPO, 'configs')
 
@@ -71,8 +69,8 @@ def write_tiny_shapes_config(path, data_root: str, classes, *, base: str = 'shap
     text = TINY_SHAPES_CONFIG.format(base=osp.join(CONFIG_DIR, base), data_root=str(data_root).rstrip('/') + '/',
                                      classes=tuple(classes), image_size=image_size, epochs=epochs,
                                      val_split=val_split, lr=lr,
-                                     roi_layer=', roi_layer=dict(deform_fc_channels=32)' if 'pool' in base or 'dcn' in base
-                                     else '')
+                                     roi_layer=(', roi_layer=dict(deform_fc_channels=32)'
+                                                if 'pool' in base or 'dcn' in base else ''))
     with open(path, 'w') as f:
         f.write(text + extra)
     return str(path)

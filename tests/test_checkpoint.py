@@ -9,8 +9,13 @@ from mmengine.model import BaseModel
 from mmengine.runner import Runner
 from torch.utils.data import Dataset
 
-from dcn_det.checkpoint import (CheckpointLoadError, atomic_save, from_weights_only, load_checkpoint_file,
-                                to_weights_only)
+from dcn_det.checkpoint import (
+    CheckpointLoadError,
+    atomic_save,
+    from_weights_only,
+    load_checkpoint_file,
+    to_weights_only,
+)
 from dcn_det.engine import DCNRunner
 
 
@@ -87,3 +92,20 @@ def test_atomic_save_leaves_the_old_file_when_saving_fails(tmp_path):
         atomic_save({'a': Unsaveable()}, path)
     assert torch.equal(torch.load(path, weights_only=True)['a'], torch.ones(1))
     assert os.listdir(tmp_path) == ['ckpt.pth']
+
+
+@pytest.mark.parametrize('content', [b'print(1)\n', b'', b'\x89PNG\r\n\x1a\n' + bytes(100)])
+def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path, content):
+    path = tmp_path / 'x.pth'
+    path.write_bytes(content)
+    for trust in (False, True):
+        with pytest.raises(CheckpointLoadError, match='is not a PyTorch checkpoint'):
+            load_checkpoint_file(str(path), trust=trust)
+
+
+def test_a_truncated_checkpoint_is_named_as_such(tmp_path):
+    path = tmp_path / 'x.pth'
+    torch.save({'w': torch.ones(1000)}, path)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(CheckpointLoadError, match='is not a PyTorch checkpoint'):
+        load_checkpoint_file(str(path))

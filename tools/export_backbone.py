@@ -33,7 +33,8 @@ PREFIX = 'backbone.'
 def dcn_layout(state: Dict) -> Dict:
     """Infer the DCN layout from the keys: deformable layers, their kind and deform groups."""
     layers = sorted(k[:-len('.conv_offset.weight')] for k in state if k.endswith('.conv_offset.weight'))
-    layout = {'deformable_layers': layers, 'stages_with_dcn': sorted({int(re.match(r'layer(\d+)', k)[1]) for k in layers})}
+    stages = sorted({int(re.match(r'layer(\d+)', k)[1]) for k in layers})
+    layout = {'deformable_layers': layers, 'stages_with_dcn': stages}
     if layers:
         out_ch, _, kh, kw = state[layers[0] + '.conv_offset.weight'].shape
         # DCNv2 predicts 3 channels per kernel point and group (dy, dx, mask), DCNv1 two.

@@ -14,10 +14,8 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from mmengine.config import DictAction  # noqa: E402
-
-from dcn_det.checkpoint import CheckpointLoadError, load_checkpoint_file  # noqa: E402
-from dcn_det.cli import UsageError, build_runner, fail, load_config, set_local_rank  # noqa: E402
+from dcn_det.checkpoint import CheckpointLoadError, load_checkpoint_file, load_state_dict_strict  # noqa: E402
+from dcn_det.cli import DictAction, UsageError, build_runner, fail, load_config, set_local_rank  # noqa: E402
 
 AP_NAMES = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'bbox_mAP_s', 'bbox_mAP_m', 'bbox_mAP_l')
 
@@ -36,19 +34,6 @@ def parse_args(argv=None):
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     return parser.parse_args(argv)
-
-
-def check_state_dict(model, state: dict, path: str) -> None:
-    """Raise UsageError unless ``state`` has exactly the model's keys and shapes."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or shapes:
-        def few(keys):
-            return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-        raise UsageError(f'checkpoint {path!r} does not belong to this config\'s model: missing keys '
-                         f'{few(missing)}, unexpected keys {few(unexpected)}, shape mismatches {few(shapes)}')
 
 
 def main(argv=None) -> dict:
@@ -74,10 +59,9 @@ def main(argv=None) -> dict:
             cfg = trigger_visualization_hook(cfg, args)
         runner = build_runner(cfg)
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        check_state_dict(model, state, args.checkpoint)
+        load_state_dict_strict(model, state, f'checkpoint {args.checkpoint!r}')
     except (UsageError, CheckpointLoadError) as e:
         fail(str(e))
-    model.load_state_dict(state, strict=True)
     if args.out is not None:
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))

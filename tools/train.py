@@ -11,10 +11,8 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from mmengine.config import DictAction  # noqa: E402
-
 from dcn_det.checkpoint import CheckpointLoadError, load_checkpoint_file  # noqa: E402
-from dcn_det.cli import UsageError, build_runner, fail, load_config, set_local_rank  # noqa: E402
+from dcn_det.cli import DictAction, UsageError, build_runner, fail, load_config, set_local_rank  # noqa: E402
 
 
 def parse_args(argv=None):

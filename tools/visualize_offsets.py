@@ -21,10 +21,8 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from mmengine.config import DictAction  # noqa: E402
-
-from dcn_det.checkpoint import CheckpointLoadError, load_checkpoint_file  # noqa: E402
-from dcn_det.cli import UsageError, fail, load_config  # noqa: E402
+from dcn_det.checkpoint import CheckpointLoadError, load_checkpoint_file, load_state_dict_strict  # noqa: E402
+from dcn_det.cli import DictAction, UsageError, fail, load_config  # noqa: E402
 
 
 def point(text: str):
@@ -43,7 +41,8 @@ def parse_args(argv=None):
     parser.add_argument('--out', help='PNG to write (must not exist; default '
                                       'work_dirs/<config name>/offsets_<image name>.png)')
     parser.add_argument('--layers', nargs='+', metavar='NAME',
-                        help='deformable layers to compose, e.g. backbone.layer4.2.conv2 (default: the last 3)')
+                        help='deformable layers to compose, e.g. backbone.layer4.2.conv2 '
+                             '(default: the last 3 of the backbone)')
     parser.add_argument('--points', nargs='+', type=point, metavar='X,Y',
                         help='image pixels to explain (default: image centre and the best detections)')
     parser.add_argument('--score-thr', type=float, default=0.3,
@@ -55,16 +54,18 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def check_out(out: str) -> None:
+    if not out.lower().endswith('.png'):
+        raise UsageError(f'--out {out!r} must end in .png')
+    if osp.exists(out):
+        raise UsageError(f'{out!r} exists: remove it or choose another --out')
+
+
 def main(argv=None) -> str:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.cfg_options)
-        stem = osp.splitext(osp.basename(args.image))[0]
-        out = args.out or osp.join(cfg.work_dir, f'offsets_{stem}.png')
-        if not out.lower().endswith('.png'):
-            raise UsageError(f'--out {out!r} must end in .png')
-        if osp.exists(out):
-            raise UsageError(f'{out!r} exists: remove it or choose another --out')
+        if args.out is not None:
+            check_out(args.out)
         if not osp.isfile(args.image):
             raise UsageError(f'image {args.image!r} does not exist')
         import mmcv
@@ -80,6 +81,11 @@ def main(argv=None) -> str:
             if not (0 <= x <= w - 1 and 0 <= y <= h - 1):
                 raise UsageError(f'point {x:g},{y:g} is outside the {w}x{h} image: give X,Y with '
                                  f'0 <= X <= {w - 1} and 0 <= Y <= {h - 1}')
+        cfg = load_config(args.config, args.cfg_options)
+        out = args.out
+        if out is None:
+            out = osp.join(cfg.work_dir, f'offsets_{osp.splitext(osp.basename(args.image))[0]}.png')
+            check_out(out)
         ckpt = load_checkpoint_file(args.checkpoint, trust=args.trust_checkpoint)
 
         from dcn_det import visualization as vis
@@ -87,7 +93,7 @@ def main(argv=None) -> str:
         try:
             model = vis.build_detector(cfg)
             layers = vis.select_layers(model, args.layers)
-            vis.load_weights(model, ckpt.get('state_dict', ckpt), f'checkpoint {args.checkpoint!r}')
+            load_state_dict_strict(model, ckpt.get('state_dict', ckpt), f'checkpoint {args.checkpoint!r}')
         except ValueError as e:
             raise UsageError(str(e)) from None
     except (UsageError, CheckpointLoadError) as e:
@@ -101,17 +107,17 @@ def main(argv=None) -> str:
     classes = (ckpt.get('meta') or {}).get('dataset_meta', {}).get('classes', ()) or \
         model.dataset_meta.get('classes', ())
     if args.points:
-        points = [(f'point ({x:g}, {y:g})', (y, x)) for x, y in args.points]
+        points = [('point', (y, x)) for x, y in args.points]
     else:
         points = vis.default_points(result, (h, w), classes, score_thr=args.score_thr)
     panels = vis.make_panels(maps, points, scale_factor)
-    for (label, (y, x)), panel in zip(points, panels):
-        print(f'{label} at x={x:.0f}, y={y:.0f}: unit (row {panel.unit[0]}, col {panel.unit[1]}) of '
-              f'{maps[-1].name}, {len(panel.levels[-1][0])} sampling points')
+    for p in panels:
+        print(f'{p.label} at x={p.point[1]:.0f}, y={p.point[0]:.0f}: unit (row {p.unit[0]}, col {p.unit[1]}) '
+              f'of {maps[-1].name}, {len(p.levels[-1][0])} sampling points')
     os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
     names = [m.name.removeprefix('backbone.') for m in maps]
     vis.plot_sampling(image[..., ::-1], panels, names, out,
-                      f'{osp.basename(args.config)}: sampling locations of {" -> ".join(reversed(names))}')
+                      f'{osp.basename(args.config)}\nsampling locations of {" -> ".join(reversed(names))}')
     print(f'wrote {out}')
     return out
 

@@ -6,7 +6,7 @@ import random
 import numpy as np
 import torch
 from mmdet.registry import HOOKS, RUNNERS
-from mmengine.dist import is_distributed
+from mmengine.dist import is_distributed, master_only
 from mmengine.hooks import Hook
 from mmengine.model import MMDistributedDataParallel
 from mmengine.runner import Runner
@@ -83,6 +83,7 @@ class DCNRunner(Runner):
                 find_unused_parameters=self.cfg.get('find_unused_parameters', False))
         return super().wrap_model(model_wrapper_cfg, model)
 
+    @master_only  # as Runner.save_checkpoint: the other ranks write nothing
     def save_checkpoint(self, out_dir: str, filename: str, *args, **kwargs) -> None:
         tmp = f'{filename}.tmp'
         super().save_checkpoint(out_dir, tmp, *args, **kwargs)

@@ -3,16 +3,16 @@
 ``deform_conv2d`` is a drop-in for :func:`torchvision.ops.deform_conv2d` (same arguments, offset
 layout and inference of ``groups``/``offset_groups`` from the shapes) with a ``backend`` switch:
 
-- ``'native'``: this module's pure-PyTorch operator (any device, float64 for gradcheck). It is the
-  fastest of the three on CPU (``benchmarks/bench_deform_conv.py``): the input is laid out
-  channels-last as a table of pixel rows, every bilinear sample is a bag of four weighted rows
-  gathered by ``F.embedding_bag`` (mask and bilinear weights folded into the per-sample weights),
-  and the convolution itself is one ``(P, K*C) @ (K*C, O)`` matmul. The backward reuses the kernels
-  autograd uses for ``embedding_bag``: a sorted scatter of the column gradient for the input, and
-  per-row dot products (column gradient . gathered row) from which the offset and mask gradients
-  follow in closed form. Work is chunked over output rows so the column buffer stays under
-  ``_CHUNK_BYTES`` (64 MiB) whatever the image size; columns are recomputed in the backward rather
-  than kept, as mmcv does.
+- ``'native'``: this module's pure-PyTorch operator (any device; float64 too, for gradcheck), the
+  fastest of the three on CPU (``benchmarks/bench_deform_conv.py``). The input is copied once into a
+  zero-padded channels-last table of pixel rows; every bilinear sample is then a bag of four weighted
+  rows, gathered by the kernel behind ``F.embedding_bag`` with the mask folded into the per-sample
+  weights, and the convolution is one ``(P, K*C) @ (K*C, C_out)`` matmul over those columns. The
+  backward uses the kernels autograd uses for ``embedding_bag``: a sorted scatter of the column
+  gradient gives the input gradient, and per-row dot products (column gradient . corner row) give
+  the offset and mask gradients in closed form. Work is chunked over output rows so that a column
+  buffer stays under ``_CHUNK_BYTES`` (16 MiB) whatever the image size, and the columns are
+  recomputed in the backward rather than kept, as mmcv does.
 - ``'mmcv'``: mmcv's compiled kernels (``modulated_deform_conv2d``; ``deform_conv2d`` for DCNv1).
 - ``'torchvision'``: :func:`torchvision.ops.deform_conv2d`.
 - ``'auto'``: native on CPU; on CUDA mmcv when mmcv was compiled with CUDA, else torchvision.
@@ -32,10 +32,11 @@ Precision: half and bfloat16 tensors are computed in float32 (float64 stays floa
 has ``input``'s dtype; autocast is disabled inside (the op decides its own precision), so under
 ``torch.autocast`` a float32 input gives a float32 output whatever dtype the offsets come in.
 
-torch.compile: the native op is a ``torch.autograd.Function`` over standard aten ops (no data-
-dependent shapes, no ``.item()``); its backward is ``once_differentiable`` (no double backward, as in
-mmcv), which makes dynamo fall back to eager for the backward. The mmcv backend is an opaque
-extension call (dynamo graph-breaks around it).
+torch.compile: dynamo traces the native op whole (its autograd.Function included) with
+``aot_eager`` and with ``inductor``: one graph, no graph break (``torch._dynamo.explain``). While
+compiling, the oneDNN matmul fast path is left out (see ``_Linear``). The backward is
+``once_differentiable`` (no double backward, as in mmcv). ``backend='mmcv'`` graph-breaks at each
+call (dynamo cannot trace mmcv's pybind extension); ``'torchvision'`` is traced.
 """
 import functools
 from typing import NamedTuple, Optional, Union
@@ -48,7 +49,9 @@ BACKENDS = ('native', 'mmcv', 'torchvision')
 _BACKEND_CHOICES = ('auto',) + BACKENDS
 
 # Upper bound on the native column buffer (P_chunk x K*C) per chunk; tests lower it to force chunking.
-_CHUNK_BYTES = 64 * 2**20
+_CHUNK_BYTES = 16 * 2**20
+# Output pixels per call from which the native op runs its big matmuls on oneDNN (see _Linear).
+_ONEDNN_MIN_ROWS = 1024
 
 _IntPair = Union[int, tuple[int, int]]
 
@@ -96,14 +99,11 @@ def deform_conv2d(input: Tensor,
     """
     geom = _check_args(input, offset, weight, bias, stride, padding, dilation, mask)
     backend = _resolve_backend(backend, input.device)
-    if backend == 'native':
-        return _NativeDeformConv2d.apply(input, offset, mask, weight, bias, geom)
-    if input.shape[0] == 0:
-        # mmcv's kernels divide by the batch size; an empty batch has nothing to gain from them.
-        return _NativeDeformConv2d.apply(input, offset, mask, weight, bias, geom)
-    if backend == 'mmcv':
+    if backend == 'torchvision':
+        return _torchvision_deform_conv2d(input, offset, mask, weight, bias, geom)
+    if backend == 'mmcv' and input.shape[0] > 0:  # mmcv refuses an empty batch ("input is too small")
         return _mmcv_deform_conv2d(input, offset, mask, weight, bias, geom)
-    return _torchvision_deform_conv2d(input, offset, mask, weight, bias, geom)
+    return _NativeDeformConv2d.apply(input, offset, mask, weight, bias, geom)
 
 
 def check_backend(backend: str) -> str:
@@ -135,7 +135,8 @@ def _mmcv_has_cuda() -> bool:
 
 
 def _pair(value: _IntPair, name: str, minimum: int) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) \
+        else ()
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise TypeError(f'{name} must be an int or a pair of ints, got {value!r}')
     if min(pair) < minimum:
@@ -290,17 +291,20 @@ def _table(input: Tensor, dtype: torch.dtype) -> Tensor:
     return table
 
 
-def _chunks(n_rows: int, row_bytes: int) -> tuple[int, list[tuple[int, int]]]:
-    """Rows per chunk and the ranges of output rows, so that a column buffer fits ``_CHUNK_BYTES``."""
-    step = max(1, min(n_rows, _CHUNK_BYTES // max(row_bytes, 1)))
-    return step, [(r0, min(r0 + step, n_rows)) for r0 in range(0, n_rows, step)]
+def _chunks(n_rows: int, row_bytes: int) -> list[tuple[int, int]]:
+    """Ranges of output rows whose column buffers (``row_bytes`` per row) fit ``_CHUNK_BYTES``."""
+    step = max(1, _CHUNK_BYTES // row_bytes)
+    return [(r0, min(r0 + step, n_rows)) for r0 in range(0, n_rows, step)]
 
 
 def _weight_matrix(weight: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
-    """(C_out, C_in/G, kh, kw) -> (G, kh*kw*C_in/G, C_out/G), matching the column layout (K, C)."""
+    """(C_out, C_in/G, kh, kw) -> (G, C_out/G, kh*kw*C_in/G), matching the column layout (K, C).
+
+    Only the last two dims swap (a cheap batched transpose); the matmuls take it transposed.
+    """
     c_out, cg, kh, kw = weight.shape
-    return weight.to(dtype).view(groups, c_out // groups, cg, kh * kw).permute(0, 3, 2, 1) \
-        .reshape(groups, kh * kw * cg, c_out // groups)
+    return weight.to(dtype).view(groups, c_out // groups, cg, kh * kw).transpose(2, 3) \
+        .reshape(groups, c_out // groups, kh * kw * cg)
 
 
 def _grouped(cols: Tensor, k: int, groups: int) -> Tensor:
@@ -318,14 +322,46 @@ def _ungrouped(cols: Tensor, k: int) -> Tensor:
     return cols.view(groups, p, k, -1).permute(1, 2, 0, 3).reshape(p, -1)
 
 
-def _embedding_bag(table: Tensor, idx: Tensor, psw: Tensor, out: Tensor) -> Tensor:
+def _embedding_bag(table: Tensor, idx: Tensor, psw: Tensor) -> Tensor:
     """out[b] = sum_j psw[b, j] * table[idx[b, j]]: the aten kernel behind F.embedding_bag(mode='sum')."""
     bags = idx.shape[0]
     offsets = torch.arange(0, 4 * bags, 4, device=idx.device)
-    scratch = [idx.new_empty(0) for _ in range(3)]  # offset2bag, bag_size, max_indices: unused here
-    return torch.ops.aten._embedding_bag_forward_only.out(
-        table, idx.view(-1), offsets, False, 0, False, psw.reshape(-1), False, -1,
-        out0=out, out1=scratch[0], out2=scratch[1], out3=scratch[2])[0]
+    return torch.ops.aten._embedding_bag_forward_only(table, idx.view(-1), offsets, False, 0, False,
+                                                      psw.reshape(-1), False, -1)[0]
+
+
+def _onednn_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and callable(torch.ops.mkldnn._linear_pointwise)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN = _onednn_available()
+
+
+class _Linear:
+    """``x @ w.T (+ bias)`` for one weight and many chunks of rows ``x``.
+
+    On CPU in float32 with enough rows, oneDNN's linear (the kernel inductor uses) is ~15-40% faster
+    than torch.mm here (MKL's sgemm; measured on AVX-512), once the weight is packed for it; the
+    packing costs about one pass over the weight, so small problems keep torch.mm.
+    """
+
+    def __init__(self, w: Tensor, rows: int):
+        self.w = w
+        self.packed = None
+        if (_ONEDNN and torch.backends.mkldnn.enabled and w.device.type == 'cpu' and w.dtype == torch.float32
+                and rows >= _ONEDNN_MIN_ROWS and not torch.compiler.is_compiling()):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+
+    def __call__(self, x: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
+        if self.packed is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, 'none', [], '')
+            return y if out is None else out.copy_(y)
+        if out is None:
+            return torch.mm(x, self.w.t()) if bias is None else torch.addmm(bias, x, self.w.t())
+        return torch.mm(x, self.w.t(), out=out) if bias is None else torch.addmm(bias, x, self.w.t(), out=out)
 
 
 class _NativeDeformConv2d(torch.autograd.Function):
@@ -334,47 +370,53 @@ class _NativeDeformConv2d(torch.autograd.Function):
     def forward(ctx, input: Tensor, offset: Tensor, mask: Optional[Tensor], weight: Tensor,
                 bias: Optional[Tensor], geom: _Geometry) -> Tensor:
         ctx.geom = geom
-        ctx.save_for_backward(input, offset, mask, weight, bias)
         with torch.no_grad(), torch.autocast(input.device.type, enabled=False):
-            return _native_forward(input, offset, mask, weight, bias, geom)
+            out, w_mat = _native_forward(input, offset, mask, weight, bias, geom)
+        ctx.save_for_backward(input, offset, mask, weight, bias, w_mat)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        input, offset, mask, weight, bias = ctx.saved_tensors
+        input, offset, mask, weight, bias, w_mat = ctx.saved_tensors
         with torch.no_grad(), torch.autocast(input.device.type, enabled=False):
-            grads = _native_backward(grad_out, input, offset, mask, weight, bias, ctx.geom,
+            grads = _native_backward(grad_out, input, offset, mask, weight, bias, w_mat, ctx.geom,
                                      ctx.needs_input_grad[:5])
         return (*grads, None)
 
 
 def _native_forward(input: Tensor, offset: Tensor, mask: Optional[Tensor], weight: Tensor,
-                    bias: Optional[Tensor], geom: _Geometry) -> Tensor:
+                    bias: Optional[Tensor], geom: _Geometry) -> tuple[Tensor, Tensor]:
+    """Output and the weight matrix (kept for the backward)."""
     dtype = _compute_dtype(input, offset, mask, weight, bias)
     n, c, _, _ = input.shape
     c_out, _, kh, kw = weight.shape
     h_out, w_out = geom.out_size
-    k, g, dg = kh * kw, geom.groups, geom.offset_groups
+    g = geom.groups
     table = _table(input, dtype)
     sampler = _Sampler(input.shape, (kh, kw), geom, offset, mask, dtype)
     w_mat = _weight_matrix(weight, g, dtype)
     bias_ = None if bias is None else bias.to(dtype).view(g, 1, c_out // g)
+    linear = _Linear(w_mat[0], n * h_out * w_out) if g == 1 else None
     out = torch.empty(n * h_out * w_out, c_out, dtype=dtype, device=input.device)
-    step, chunks = _chunks(n * h_out, w_out * k * c * table.element_size())
-    cols_buf = table.new_empty(step * w_out * k * dg, c // dg)
-    for r0, r1 in chunks:
-        n0, n1 = sampler.images(r0, r1)
-        idx, psw, _, _ = sampler(r0, r1)
-        cols = _embedding_bag(table[n0:n1].view(-1, c // dg), idx, psw, cols_buf[:idx.shape[0]])
-        cols = cols.view(-1, k * c)
-        rows = out[r0 * w_out:r1 * w_out]
-        if g == 1:
-            torch.mm(cols, w_mat[0], out=rows) if bias is None else torch.addmm(bias_[0], cols, w_mat[0], out=rows)
-        else:
-            res = torch.bmm(_grouped(cols, k, g), w_mat)
-            rows.copy_((res if bias_ is None else res + bias_).transpose(0, 1).reshape(-1, c_out))
+    for r0, r1 in _chunks(n * h_out, w_out * kh * kw * c * table.element_size()):
+        # one function call per chunk, so that its buffers are freed before the next chunk's
+        _forward_chunk(table, sampler, r0, r1, w_mat, bias_, linear, out[r0 * w_out:r1 * w_out])
     out = out.view(n, h_out, w_out, c_out).permute(0, 3, 1, 2)
-    return out.to(input.dtype).contiguous(memory_format=_memory_format(input))
+    return out.to(input.dtype).contiguous(memory_format=_memory_format(input)), w_mat
+
+
+def _forward_chunk(table: Tensor, sampler: _Sampler, r0: int, r1: int, w_mat: Tensor,
+                   bias: Optional[Tensor], linear: Optional[_Linear], out: Tensor) -> None:
+    n0, n1 = sampler.images(r0, r1)
+    idx, psw, _, _ = sampler(r0, r1)
+    k, g = sampler.k, w_mat.shape[0]
+    cols = _embedding_bag(table[n0:n1].view(-1, table.shape[-1] // sampler.dg), idx, psw).view(out.shape[0], -1)
+    if linear is not None:
+        linear(cols, None if bias is None else bias[0, 0], out=out)
+    else:
+        res = torch.bmm(_grouped(cols, k, g), w_mat.transpose(1, 2))
+        out.copy_((res if bias is None else res + bias).transpose(0, 1).reshape(out.shape))
 
 
 def _memory_format(t: Tensor) -> torch.memory_format:
@@ -384,89 +426,102 @@ def _memory_format(t: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+class _Grads(NamedTuple):
+    """Gradient accumulators of the native backward (None where not needed)."""
+    table: Optional[Tensor]   # (N, H+2, W+2, C)
+    offset: Optional[Tensor]  # (N*H_out, W_out, K, DG, 2)
+    mask: Optional[Tensor]    # (N*H_out, W_out, K, DG)
+    w_mat: Optional[Tensor]   # (G, C_out/G, K*C/G)
+
+
 def _native_backward(grad_out: Tensor, input: Tensor, offset: Tensor, mask: Optional[Tensor],
-                     weight: Tensor, bias: Optional[Tensor], geom: _Geometry,
+                     weight: Tensor, bias: Optional[Tensor], w_mat: Tensor, geom: _Geometry,
                      needs: tuple[bool, ...]) -> tuple[Optional[Tensor], ...]:
     need_input, need_offset, need_mask, need_weight, need_bias = needs
     dtype = _compute_dtype(input, offset, mask, weight, bias)
-    n, c, height, width = input.shape
+    n, c, _, _ = input.shape
     c_out, cg, kh, kw = weight.shape
     h_out, w_out = geom.out_size
     k, g, dg = kh * kw, geom.groups, geom.offset_groups
-    cd = c // dg
     go = grad_out.to(dtype).permute(0, 2, 3, 1).reshape(n * h_out * w_out, c_out)
     grad_bias = go.sum(0).to(bias.dtype) if need_bias else None
-    grad_input = grad_offset = grad_mask = grad_weight = None
     if not (need_input or need_offset or need_mask or need_weight):
-        return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
+        return None, None, None, None, grad_bias
 
     table = _table(input, dtype)
     sampler = _Sampler(input.shape, (kh, kw), geom, offset, mask, dtype)
-    w_mat = _weight_matrix(weight, g, dtype)
-    grad_w = torch.zeros_like(w_mat) if need_weight else None
-    grad_table = torch.zeros_like(table) if need_input else None
-    grad_off = table.new_empty(n * h_out, w_out, k, dg, 2) if need_offset else None
-    grad_m = table.new_empty(n * h_out, w_out, k, dg) if need_mask else None
-    step, chunks = _chunks(n * h_out, w_out * k * c * table.element_size())
-    cols_buf = table.new_empty(step * w_out * k * dg, cd) if need_weight else None
-    grad_cols_buf = table.new_empty(step * w_out, k * c)
-    for r0, r1 in chunks:
-        n0, n1 = sampler.images(r0, r1)
-        tab = table[n0:n1].view(-1, cd)
-        idx, wts, lh, lw = sampler(r0, r1, masked=False)
-        m = sampler.mask_rows(r0, r1)
-        psw = wts if m is None else wts * m[:, None]
-        go_c = go[r0 * w_out:r1 * w_out]
-        if need_weight:  # recompute the columns rather than keep them from the forward, as mmcv
-            cols = _embedding_bag(tab, idx, psw, cols_buf[:idx.shape[0]]).view(-1, k * c)
-            if g == 1:
-                grad_w[0].addmm_(cols.t(), go_c)
-            else:
-                grad_w.baddbmm_(_grouped(cols, k, g).transpose(1, 2), go_c.view(-1, g, c_out // g).transpose(0, 1))
-        if not (need_input or need_offset or need_mask):
-            continue
-        grad_cols = grad_cols_buf[:go_c.shape[0]]
-        if g == 1:
-            torch.mm(go_c, w_mat[0].t(), out=grad_cols)
-        else:
-            grad_cols.copy_(_ungrouped(torch.bmm(go_c.view(-1, g, c_out // g).transpose(0, 1),
-                                                 w_mat.transpose(1, 2)), k))
-        grad_cols = grad_cols.view(-1, cd)
-        offset2bag = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(4)
-        if need_input:
-            # the scatter-add transpose of the gather (sorts the indices, then one axpy per row)
-            empty = idx.new_empty(0)
-            grad_tab = torch.ops.aten._embedding_bag_dense_backward(
-                grad_cols, idx.view(-1), offset2bag, empty, empty, tab.shape[0], False, 0, psw.view(-1), -1)
-            grad_table[n0:n1].view(-1, cd).add_(grad_tab)
-        if need_offset or need_mask:
-            # s[b, j] = <grad of sample b, corner row j of sample b>
-            offsets = torch.arange(0, idx.numel(), 4, device=idx.device)
-            s = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                grad_cols, tab, idx.view(-1), offsets, offset2bag, 0, -1).view(-1, 4)
-            if need_mask:
-                grad_m[r0:r1] = (s * wts).sum(1).view(r1 - r0, w_out, k, dg)
-            if need_offset:
-                if m is not None:
-                    s = s * m[:, None]
-                s_tl, s_tr, s_bl, s_br = s.unbind(1)
-                grad_h = (1 - lw) * (s_bl - s_tl) + lw * (s_br - s_tr)
-                grad_w_ = (1 - lh) * (s_tr - s_tl) + lh * (s_br - s_bl)
-                grad_off[r0:r1] = torch.stack((grad_h, grad_w_), -1).view(r1 - r0, w_out, k, dg, 2)
+    acc = _Grads(torch.zeros_like(table) if need_input else None,
+                 table.new_empty(n * h_out, w_out, k, dg, 2) if need_offset else None,
+                 table.new_empty(n * h_out, w_out, k, dg) if need_mask else None,
+                 torch.zeros_like(w_mat) if need_weight else None)
+    linear_t = _Linear(w_mat[0].t(), n * h_out * w_out) if g == 1 else None
+    for r0, r1 in _chunks(n * h_out, w_out * k * c * table.element_size()):
+        _backward_chunk(go[r0 * w_out:r1 * w_out], table, sampler, r0, r1, w_mat, linear_t, acc)
 
+    grad_input = grad_offset = grad_mask = grad_weight = None
     if need_input:
-        grad_input = grad_table[:, 1:-1, 1:-1].permute(0, 3, 1, 2) \
+        grad_input = acc.table[:, 1:-1, 1:-1].permute(0, 3, 1, 2) \
             .to(input.dtype).contiguous(memory_format=_memory_format(input))
     if need_offset:
-        grad_offset = grad_off.view(n, h_out, w_out, k, dg, 2).permute(0, 4, 3, 5, 1, 2) \
+        grad_offset = acc.offset.view(n, h_out, w_out, k, dg, 2).permute(0, 4, 3, 5, 1, 2) \
             .reshape(n, dg * k * 2, h_out, w_out).to(offset.dtype)
     if need_mask:
-        grad_mask = grad_m.view(n, h_out, w_out, k, dg).permute(0, 4, 3, 1, 2) \
+        grad_mask = acc.mask.view(n, h_out, w_out, k, dg).permute(0, 4, 3, 1, 2) \
             .reshape(n, dg * k, h_out, w_out).to(mask.dtype)
     if need_weight:
-        grad_weight = grad_w.view(g, kh, kw, cg, c_out // g).permute(0, 4, 3, 1, 2) \
-            .reshape(c_out, cg, kh, kw).to(weight.dtype)
+        grad_weight = acc.w_mat.view(c_out, k, cg).transpose(1, 2).reshape(c_out, cg, kh, kw) \
+            .to(weight.dtype)
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
+
+
+def _backward_chunk(go: Tensor, table: Tensor, sampler: _Sampler, r0: int, r1: int, w_mat: Tensor,
+                    linear_t: Optional[_Linear], acc: _Grads) -> None:
+    """Accumulate the gradients from output rows [r0, r1), whose output gradient is ``go`` (P, C_out)."""
+    n0, n1 = sampler.images(r0, r1)
+    k, dg, g = sampler.k, sampler.dg, w_mat.shape[0]
+    tab = table[n0:n1].view(-1, table.shape[-1] // dg)
+    idx, wts, lh, lw = sampler(r0, r1, masked=False)
+    m = sampler.mask_rows(r0, r1)
+    psw = wts if m is None else wts * m[:, None]
+    go_g = go.view(go.shape[0], g, -1).transpose(0, 1)  # (G, P, C_out/G)
+    if acc.w_mat is not None:  # columns recomputed rather than kept from the forward, as mmcv
+        cols = _embedding_bag(tab, idx, psw).view(go.shape[0], -1)
+        if g == 1:
+            acc.w_mat[0].addmm_(go.t(), cols)
+        else:
+            acc.w_mat.baddbmm_(go_g.transpose(1, 2), _grouped(cols, k, g))
+        del cols  # before grad_cols, so a chunk holds one column buffer at a time
+    if acc.table is None and acc.offset is None and acc.mask is None:
+        return
+    if linear_t is not None:
+        grad_cols = linear_t(go)
+    else:
+        grad_cols = _ungrouped(torch.bmm(go_g, w_mat), k)
+    grad_cols = grad_cols.view(idx.shape[0], -1)  # (B, C/DG): one row per sample
+    offset2bag = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(4)
+    if acc.table is not None:
+        # the scatter-add transpose of the gather (sorts the indices, then one axpy per row);
+        # bag sizes and max indices only matter in mean / max mode
+        bag_size = torch.full_like(idx[:, 0], 4)
+        grad_tab = torch.ops.aten._embedding_bag_dense_backward(
+            grad_cols, idx.view(-1), offset2bag, bag_size, bag_size, tab.shape[0], False, 0,
+            psw.view(-1), -1)
+        acc.table[n0:n1].view(tab.shape).add_(grad_tab)
+        del grad_tab
+    if acc.offset is not None or acc.mask is not None:
+        # s[b, j] = <grad of sample b, corner row j of sample b>
+        offsets = torch.arange(0, idx.numel(), 4, device=idx.device)
+        s = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            grad_cols, tab, idx.view(-1), offsets, offset2bag, 0, -1).view(-1, 4)
+        if acc.mask is not None:
+            acc.mask[r0:r1] = (s * wts).sum(1).view(acc.mask[r0:r1].shape)
+        if acc.offset is not None:
+            if m is not None:
+                s = s * m[:, None]
+            s_tl, s_tr, s_bl, s_br = s.unbind(1)
+            grad_h = (1 - lw) * (s_bl - s_tl) + lw * (s_br - s_tr)
+            grad_w = (1 - lh) * (s_tr - s_tl) + lh * (s_br - s_bl)
+            acc.offset[r0:r1] = torch.stack((grad_h, grad_w), -1).view(acc.offset[r0:r1].shape)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ mmcv's, and mmdet model-zoo checkpoints (``weight``, ``bias``, ``conv_offset.wei
 :func:`dcn_det.ops.deform_conv2d` with the layer's ``backend``. They are not registered in any
 registry here; the models layer does that.
 
-torch.compile: ``conv_offset`` and the offset/mask split compile normally; the deformable op itself
-is a custom autograd function (see :mod:`dcn_det.ops.deform_conv`), whose backward runs eagerly.
+torch.compile: with the native backend a model containing these layers compiles into one graph
+(no graph break, aot_eager and inductor); with ``backend='mmcv'`` dynamo graph-breaks at each
+deformable op (mmcv's pybind extension is opaque to it). See :mod:`dcn_det.ops.deform_conv`.
 """
 import torch
 from mmcv.ops import DeformConv2dPack as _MMCVDeformConv2dPack

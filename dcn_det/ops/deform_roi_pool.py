@@ -138,7 +138,7 @@ class DeformRoIPool(nn.Module):
     def forward(self, input: Tensor, rois: Tensor) -> Tensor:
         """input (Tensor[N, C, H, W]), rois (Tensor[K, 5]) -> Tensor[K, C, ph, pw]."""
         flat = self._pool(input, rois).flatten(1)
-        return self._pool(input, rois, self._offset(flat))
+        return self._pool(input, rois, self._offset(flat, input))
 
     def _pool(self, input: Tensor, rois: Tensor, offset: Optional[Tensor] = None) -> Tensor:
         if input.dim() == 4 and input.shape[1] != self.output_channels:
@@ -147,8 +147,9 @@ class DeformRoIPool(nn.Module):
         return deform_roi_pool(input, rois, offset, self.output_size, self.spatial_scale,
                                self.sampling_ratio, self.gamma, self.backend)
 
-    def _offset(self, flat: Tensor) -> Tensor:
-        return self.offset_fc(flat).view(-1, 2, *self.output_size)
+    def _offset(self, flat: Tensor, input: Tensor) -> Tensor:
+        # under autocast the fc runs in low precision whatever the features' dtype
+        return self.offset_fc(flat).view(-1, 2, *self.output_size).to(input.dtype)
 
     def extra_repr(self) -> str:
         return (f'output_size={self.output_size}, output_channels={self.output_channels}, '
@@ -185,7 +186,7 @@ class ModulatedDeformRoIPool(DeformRoIPool):
         """input (Tensor[N, C, H, W]), rois (Tensor[K, 5]) -> Tensor[K, C, ph, pw]."""
         flat = self._pool(input, rois).flatten(1)
         mask = self.mask_fc(flat).view(-1, 1, *self.output_size)
-        return self._pool(input, rois, self._offset(flat)) * mask
+        return self._pool(input, rois, self._offset(flat, input)) * mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,13 +294,14 @@ class _Group(NamedTuple):
     ids: Tensor  # Tensor[Kg], RoI indices
     y: _Axis  # weights include 1 / count, slopes gamma * roi_height / count
     x: _Axis  # slopes include gamma * roi_width
-    entries: Tensor  # Tensor[Kg * ph * pw * Ly * Lx]: position of each outer-product entry in the CSR
+    entries: slice  # where the group's outer products lie in the chunk's grouped entry order
 
 
 class _Chunk(NamedTuple):
     rois: slice  # a run of RoIs; the matrix has their ph * pw bins as rows, in order
     matrix: Tensor  # sparse CSR [rows, N * H * W]
     groups: list[_Group]
+    order: Tensor  # CSR position of each entry in grouped order (the groups' outer products, concatenated)
 
 
 class _NativeDeformRoIPool(torch.autograd.Function):
@@ -328,7 +330,10 @@ class _NativeDeformRoIPool(torch.autograd.Function):
         n, c, h, w = ctx.input_shape
         bins = grad_out.shape[2] * grad_out.shape[3]
         grad_rows = grad_out.permute(0, 2, 3, 1).reshape(-1, c)
-        grad_input = grad_out.new_empty(ctx.input_shape, memory_format=ctx.memory_format) if need_input else None
+        grad_input = None
+        if need_input:
+            grad_input = torch.empty(ctx.input_shape, dtype=grad_out.dtype, device=grad_out.device,
+                                     memory_format=ctx.memory_format)
         grad_offset = grad_out.new_zeros(grad_out.shape[0], 2, *grad_out.shape[2:]) if need_offset else None
         if need_input and not ctx.chunks:
             grad_input.zero_()
@@ -340,13 +345,17 @@ class _NativeDeformRoIPool(torch.autograd.Function):
                 for b in range(n):
                     part = torch.sparse.mm(_csr_rows(transposed, b * h * w, (b + 1) * h * w), g).t()
                     dst = grad_input[b].view(c, h * w)
-                    dst.copy_(part) if i == 0 else dst.add_(part)
+                    if i == 0:
+                        dst.copy_(part)
+                    else:
+                        dst.add_(part)
             if need_offset:
                 # d out[r] / d offset = sum_e slope[e] * table[col[e]], dotted with grad_out[r]:
                 # sum_e slope[e] * (g[r] . table[col[e]]), one sampled dense-dense product for all e
                 dots = torch.sparse.sampled_addmm(chunk.matrix, g, table.t(), beta=0.0).values()
+                dots = dots[chunk.order]
                 for group in chunk.groups:
-                    grad_offset[group.ids] = _offset_grad(group, dots)
+                    grad_offset[group.ids] = _offset_grad(group, dots[group.entries])
         return grad_input, None, grad_offset, None
 
 
@@ -380,7 +389,7 @@ def _memory_format(t: Tensor) -> torch.memory_format:
 def _offset_grad(group: _Group, dots: Tensor) -> Tensor:
     """Tensor[Kg, 2, ph, pw]: the separable sum over each bin's entries of slope * dot."""
     wy, sy, wx, sx = group.y.weight, group.y.slope, group.x.weight, group.x.slope
-    d = dots[group.entries].view(*wy.shape, wx.shape[-1])
+    d = dots.view(*wy.shape, wx.shape[-1])
     gx = ((d @ sx.unsqueeze(-1)).squeeze(-1) * wy).sum(-1)
     gy = ((d @ wx.unsqueeze(-1)).squeeze(-1) * sy).sum(-1)
     return torch.stack([gx, gy], 1)
@@ -414,9 +423,9 @@ def _plan(rois: Tensor, offset: Optional[Tensor], p: _Params, n: int, h: int, w:
         bound = 4 * grid_h * grid_w
     else:
         bound = (grid_h + 1) * (grid_w + 1) * (grid_h * grid_w > 0)
-    first = torch.div(torch.cumsum(bound * (p.ph * p.pw), 0) - bound * (p.ph * p.pw), _CHUNK_ENTRIES,
-                      rounding_mode='floor')
-    sizes = torch.unique_consecutive(first, return_counts=True)[1].tolist()
+    entries_before = torch.cumsum(bound * (p.ph * p.pw), 0) - bound * (p.ph * p.pw)
+    chunk_of = torch.div(entries_before, _CHUNK_ENTRIES, rounding_mode='floor')
+    sizes = torch.unique_consecutive(chunk_of, return_counts=True)[1].tolist()
     chunks, start = [], 0
     for size in sizes:
         chunks.append(_chunk(slice(start, start + size), geometry, p, n, h, w))
@@ -429,44 +438,64 @@ def _chunk(run: slice, geometry: dict[str, Tensor], p: _Params, n: int, h: int, 
     g = {name: t[run] for name, t in geometry.items()}
     grid_h, grid_w = g['grid_h'], g['grid_w']
     device, dtype = grid_h.device, g['bin_h'].dtype
+    bins = p.ph * p.pw
+    pos = torch.arange(max(p.ph, p.pw), dtype=dtype, device=device)
+    # 1D profiles: one vectorised pass per distinct grid size and axis
+    y_slot, ys = _profiles(grid_h, g['start_y'], g['bin_h'], pos[:p.ph].view(1, p.ph, 1), h)
+    x_slot, xs = _profiles(grid_w, g['start_x'], g['bin_w'], pos[:p.pw].view(1, 1, p.pw), w)
     key = grid_h * (int(grid_w.max()) + 1) + grid_w
     order = torch.argsort(key, stable=True)
     sizes = torch.unique_consecutive(key[order], return_counts=True)[1].tolist()
-    bins = p.ph * p.pw
-    row_pos = torch.arange(p.ph, dtype=dtype, device=device).view(1, p.ph, 1)
-    col_pos = torch.arange(p.pw, dtype=dtype, device=device).view(1, 1, p.pw)
-    parts = []
-    per_roi = torch.zeros_like(grid_h)  # matrix entries per RoI
+    groups, cols, vals = [], [], []
+    per_roi = torch.zeros_like(grid_h)  # matrix entries per bin of each RoI
+    first = 0
     for ids in order.split(sizes):
         gh, gw = int(grid_h[ids[0]]), int(grid_w[ids[0]])
         if gh == 0 or gw == 0:  # degenerate RoI, no samples: mmcv outputs 0 (and no gradient)
             continue
-        y = _axis(g['start_y'][ids], g['bin_h'][ids], row_pos, gh, h)
-        x = _axis(g['start_x'][ids], g['bin_w'][ids], col_pos, gw, w)
+        y = _Axis(*(t[y_slot[ids]] for t in ys[gh]))
+        x = _Axis(*(t[x_slot[ids]] for t in xs[gw]))
         count = g['count'][ids].view(-1, 1, 1, 1)
         y = y._replace(weight=y.weight / count, slope=y.slope * g['slope_y'][ids].view(-1, 1, 1, 1) / count)
         x = x._replace(slope=x.slope * g['slope_x'][ids].view(-1, 1, 1, 1))
         pixel = (g['batch'][ids] * (h * w)).view(-1, 1, 1, 1, 1) + (y.index * w).unsqueeze(-1)
-        col = (pixel + x.index.unsqueeze(-2)).flatten()
-        val = (y.weight.unsqueeze(-1) * x.weight.unsqueeze(-2)).flatten()
-        per_roi[ids] = bins * y.index.shape[-1] * x.index.shape[-1]
-        parts.append((ids, y, x, col, val))
-    # CSR rows in RoI order: scatter each group's entries to its rows' slots
-    per_row = (per_roi // bins).repeat_interleave(bins)
+        cols.append((pixel + x.index.unsqueeze(-2)).flatten())
+        vals.append((y.weight.unsqueeze(-1) * x.weight.unsqueeze(-2)).flatten())
+        per_roi[ids] = y.index.shape[-1] * x.index.shape[-1]
+        groups.append(_Group(ids + run.start, y, x, slice(first, first + cols[-1].numel())))
+        first += cols[-1].numel()
+    # CSR rows in RoI order: the grouped entries go to their rows' slots
+    per_row = per_roi.repeat_interleave(bins)
     crow = torch.cat([per_row.new_zeros(1), torch.cumsum(per_row, 0)])
-    col = torch.empty(int(crow[-1]), dtype=torch.long, device=device)
-    val = torch.empty(int(crow[-1]), dtype=dtype, device=device)
-    groups = []
-    for ids, y, x, group_col, group_val in parts:
-        rows = ids.view(-1, 1) * bins + torch.arange(bins, device=device)
-        entries = (crow[rows].unsqueeze(-1) + torch.arange(group_col.numel() // rows.numel(), device=device))
-        entries = entries.flatten()
-        col[entries], val[entries] = group_col, group_val
-        groups.append(_Group(ids + run.start, y, x, entries))
+    grouped_rows = (order.view(-1, 1) * bins + torch.arange(bins, device=device)).flatten()
+    grouped_rows = grouped_rows[per_row[grouped_rows] > 0]
+    sizes = per_row[grouped_rows]
+    starts = torch.cumsum(sizes, 0) - sizes
+    positions = (torch.arange(first, device=device)
+                 + (crow[grouped_rows] - starts).repeat_interleave(sizes, output_size=first))
+    col = torch.empty(first, dtype=torch.long, device=device)
+    val = torch.empty(first, dtype=dtype, device=device)
+    if groups:
+        col[positions], val[positions] = torch.cat(cols), torch.cat(vals)
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state", once per process
         warnings.simplefilter('ignore', UserWarning)
         matrix = torch.sparse_csr_tensor(crow, col, val, (per_row.numel(), n * h * w))
-    return _Chunk(run, matrix, groups)
+    return _Chunk(run, matrix, groups, positions)
+
+
+def _profiles(grid: Tensor, start: Tensor, bin_size: Tensor, pos: Tensor,
+              length: int) -> tuple[Tensor, dict[int, _Axis]]:
+    """Profiles along one axis of all RoIs, computed per grid size: (slot, {grid size: profiles}),
+    where slot[k] is RoI k's index into the profiles of its grid size."""
+    slot = torch.empty_like(grid)
+    profiles = {}
+    for size in torch.unique(grid).tolist():
+        if size == 0:
+            continue
+        ids = (grid == size).nonzero().squeeze(1)
+        slot[ids] = torch.arange(ids.numel(), device=grid.device)
+        profiles[size] = _axis(start[ids], bin_size[ids], pos, size, length)
+    return slot, profiles
 
 
 def _axis(start: Tensor, bin_size: Tensor, pos: Tensor, grid: int, length: int) -> _Axis:
@@ -485,7 +514,7 @@ def _axis(start: Tensor, bin_size: Tensor, pos: Tensor, grid: int, length: int) 
     frac = clamped - low
     low = low.long()
     high = (low + 1).clamp_max(length - 1)  # where this clamps, frac is 0: high carries no weight
-    moving = inside * ((coord > 0) & (coord < length - 1)).to(coord.dtype)
+    moving = ((coord > 0) & (coord < length - 1)).to(coord.dtype)  # not clamped (so also inside)
     w_low, w_high = (1 - frac) * inside, frac * inside
     # With an adaptive grid the samples are <= 1 px apart, so their corners form a run of at most
     # grid + 1 pixels: sum them onto that window rather than keeping 2 * grid corners.

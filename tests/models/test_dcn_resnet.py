@@ -46,7 +46,7 @@ def test_loads_mmdet_dcnv2_resnet_strictly_and_matches_its_features():
     x = torch.rand(2, 3, 64, 64)
     mmdet_model.eval(), ours.eval()
     with torch.no_grad():
-        for a, b in zip(mmdet_model(x), ours(x)):
+        for a, b in zip(mmdet_model(x), ours(x), strict=True):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
@@ -105,7 +105,7 @@ def test_pretrained_plain_resnet_loads_and_dcnv1_equals_plain(tmp_path):
     x = torch.rand(1, 3, 64, 64)
     model.eval(), plain.eval()
     with torch.no_grad():
-        for a, b in zip(plain(x), model(x)):
+        for a, b in zip(plain(x), model(x), strict=True):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 

@@ -41,6 +41,19 @@ def test_shared_predictor_is_one_module_and_fewer_parameters():
     assert n_per_level == 4 * n_shared
     assert [layer.spatial_scale for layer in shared.roi_layers] == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
     assert shared.roi_layers[0].output_channels == 8  # filled in from out_channels
+    assert not [k for k in shared.state_dict() if k.startswith(('roi_layers.1.', 'roi_layers.3.'))]
+
+
+def test_shared_predictor_builds_one_optimizer_group_per_parameter():
+    from mmengine.optim import build_optim_wrapper
+
+    extractor = _extractor()
+    wrapper = build_optim_wrapper(extractor, dict(
+        optimizer=dict(type='SGD', lr=0.02),
+        paramwise_cfg=dict(custom_keys={'offset_fc': dict(lr_mult=0.1), 'mask_fc': dict(lr_mult=0.1)})))
+    params = [p for g in wrapper.optimizer.param_groups for p in g['params']]
+    assert len(params) == len({id(p) for p in params}) == len(list(extractor.parameters()))
+    assert all(g['lr'] == pytest.approx(0.002) for g in wrapper.optimizer.param_groups)
 
 
 def test_shared_predictor_gets_gradients_from_every_level():

@@ -1,4 +1,5 @@
 """Tests of dcn_det.ops.deform_conv2d (native / mmcv / torchvision backends) and the pack modules."""
+import functools
 import math
 
 import mmcv.ops
@@ -6,7 +7,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from mmengine.optim import build_optim_wrapper
 
 from dcn_det.ops import BACKENDS, DeformConv2dPack, ModulatedDeformConv2dPack, deform_conv2d
@@ -97,8 +97,7 @@ def forward_backward(fn, args, grad_seed=1):
     return out.detach(), {k: args[k].grad for k in TENSORS if args.get(k) is not None}
 
 
-def native(**kw):
-    return deform_conv2d(**kw, backend='native')
+native = functools.partial(deform_conv2d, backend='native')
 
 
 CONFIGS = {
@@ -234,7 +233,7 @@ def test_edge_samples_native_and_mmcv_match_reference(modulated):
         args['mask'] = None
     out_ref, grads_ref = forward_backward(reference, args)
     for backend in ('native', 'mmcv'):
-        out, grads = forward_backward(lambda **kw: deform_conv2d(**kw, backend=backend), args)
+        out, grads = forward_backward(functools.partial(deform_conv2d, backend=backend), args)
         torch.testing.assert_close(out, out_ref, msg=backend)
         for k in grads:
             torch.testing.assert_close(grads[k], grads_ref[k], msg=f'{backend} {k}')
@@ -243,7 +242,7 @@ def test_edge_samples_native_and_mmcv_match_reference(modulated):
 def test_edge_samples_torchvision_differs_only_on_minus_one():
     args = _edge_inputs()
     _, grads_ref = forward_backward(reference, args)
-    _, grads_tv = forward_backward(lambda **kw: deform_conv2d(**kw, backend='torchvision'), args)
+    _, grads_tv = forward_backward(functools.partial(deform_conv2d, backend='torchvision'), args)
     for k in ('input', 'mask', 'weight', 'bias'):
         torch.testing.assert_close(grads_tv[k], grads_ref[k], msg=k)
     # sample coordinates of every offset channel (dy channels hold h, dx channels w)
@@ -266,11 +265,11 @@ def test_native_equals_mmcv_gradients_at_zero_offsets(modulated):
     args = make_inputs(n=2, c=8, h=7, w=6, c_out=4, modulated=modulated, dtype=torch.float32)
     args['offset'] = torch.zeros_like(args['offset'])
     out_n, g_n = forward_backward(native, args)
-    out_m, g_m = forward_backward(lambda **kw: deform_conv2d(**kw, backend='mmcv'), args)
+    out_m, g_m = forward_backward(functools.partial(deform_conv2d, backend='mmcv'), args)
     torch.testing.assert_close(out_n, out_m, rtol=1e-5, atol=1e-5)
     for k in g_n:
         torch.testing.assert_close(g_n[k], g_m[k], rtol=1e-4, atol=1e-4, msg=k)
-    _, g_tv = forward_backward(lambda **kw: deform_conv2d(**kw, backend='torchvision'), args)
+    _, g_tv = forward_backward(functools.partial(deform_conv2d, backend='torchvision'), args)
     assert not torch.allclose(g_n['offset'], g_tv['offset'], rtol=1e-4, atol=1e-4)
 
 
@@ -282,7 +281,7 @@ def test_native_equals_mmcv_gradients_at_zero_offsets(modulated):
 def test_backends_agree_on_cpu(name):
     args = make_inputs(**dict(CONFIGS[name], n=3), dtype=torch.float32)  # batch 3: mmcv v1 im2col step
     out_n, g_n = forward_backward(native, args)
-    out_m, g_m = forward_backward(lambda **kw: deform_conv2d(**kw, backend='mmcv'), args)
+    out_m, g_m = forward_backward(functools.partial(deform_conv2d, backend='mmcv'), args)
     out_t = deform_conv2d(**args, backend='torchvision')
     torch.testing.assert_close(out_n, out_m, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out_n, out_t, rtol=1e-5, atol=1e-5)
@@ -300,7 +299,7 @@ def test_auto_backend():
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_batch_zero(backend):
     args = make_inputs(n=0, dtype=torch.float32)
-    out, grads = forward_backward(lambda **kw: deform_conv2d(**kw, backend=backend), args)
+    out, grads = forward_backward(functools.partial(deform_conv2d, backend=backend), args)
     assert out.shape == (0, 3, 6, 5)
     assert grads['input'].shape == (0, 4, 6, 5)
     assert torch.equal(grads['weight'], torch.zeros(3, 4, 3, 3))
@@ -320,6 +319,18 @@ def test_non_contiguous_and_channels_last_inputs():
     assert out_s.is_contiguous(memory_format=torch.channels_last)
     for k in grads:
         torch.testing.assert_close(grads_s[k], grads[k], msg=k)
+
+
+@pytest.mark.skipif(not dc._ONEDNN, reason='torch built without oneDNN')
+def test_onednn_and_mm_matmuls_agree(monkeypatch):
+    args = make_inputs(n=2, c=8, h=6, w=5, c_out=6, dtype=torch.float32)
+    monkeypatch.setattr(dc, '_ONEDNN_MIN_ROWS', 10**9)
+    out_mm, grads_mm = forward_backward(native, args)
+    monkeypatch.setattr(dc, '_ONEDNN_MIN_ROWS', 1)
+    out_dnn, grads_dnn = forward_backward(native, args)
+    torch.testing.assert_close(out_dnn, out_mm)
+    for k in grads_mm:
+        torch.testing.assert_close(grads_dnn[k], grads_mm[k], msg=k)
 
 
 @pytest.mark.parametrize('rows_per_chunk', [1, 4])
@@ -354,7 +365,7 @@ def test_chunk_size_is_bounded(monkeypatch):
 def test_low_precision_inputs(dtype, backend):
     args = make_inputs(dtype=torch.float32, scale=1.0)
     low = {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
-    out, grads = forward_backward(lambda **kw: deform_conv2d(**kw, backend=backend), low)
+    out, grads = forward_backward(functools.partial(deform_conv2d, backend=backend), low)
     assert out.dtype == dtype
     assert all(grads[k].dtype == dtype for k in grads)
     exact = deform_conv2d(**{k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in low.items()},
@@ -392,6 +403,9 @@ def test_torch_compile_aot_eager():
     torch.manual_seed(0)
     model = _TinyNet()
     x = torch.randn(2, 3, 10, 10)
+    explanation = torch._dynamo.explain(model)(x)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    torch._dynamo.reset()
     expected = model(x)
     expected.sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
@@ -400,7 +414,7 @@ def test_torch_compile_aot_eager():
     out = compiled(x)
     out.sum().backward()
     torch.testing.assert_close(out, expected)
-    for p, g in zip(model.parameters(), grads):
+    for p, g in zip(model.parameters(), grads, strict=True):
         torch.testing.assert_close(p.grad, g)
 
 
@@ -486,6 +500,7 @@ BAD = {
     'stride zero': (dict(stride=0), ValueError, 'stride must be >= 1'),
     'negative padding': (dict(padding=-1), ValueError, 'padding must be >= 0'),
     'dilation triple': (dict(dilation=(1, 1, 1)), TypeError, 'dilation must be an int or a pair of ints'),
+    'float stride': (dict(stride=1.5), TypeError, r'stride must be an int or a pair of ints, got 1\.5'),
     'device mismatch': (dict(offset=torch.zeros(2, 18, 8, 8, device='meta')), ValueError,
                         'offset is on meta but input is on cpu'),
     'unknown backend': (dict(backend='cuda'), ValueError,
@@ -527,7 +542,7 @@ def test_cuda_backends_agree(modulated):
                                                for k, v in args.items()})
     backends = ['native', 'torchvision'] + (['mmcv'] if MMCV_CUDA else [])
     for backend in backends:
-        out, grads = forward_backward(lambda **kw: deform_conv2d(**kw, backend=backend), args)
+        out, grads = forward_backward(functools.partial(deform_conv2d, backend=backend), args)
         assert out.is_cuda
         torch.testing.assert_close(out.cpu(), out_cpu, rtol=1e-4, atol=1e-4, msg=backend)
         for k in ('input', 'weight', 'bias', 'mask'):

@@ -220,7 +220,7 @@ def test_chunked_equals_unchunked(monkeypatch):
     input.requires_grad_(True)
     offset.requires_grad_(True)
     results = []
-    for entries in (drp._CHUNK_ENTRIES, 40):  # 40 < one RoI's entries: a chunk per RoI or piece
+    for entries in (drp._CHUNK_ENTRIES, 40):  # 40 entries: chunks of one or two RoIs
         monkeypatch.setattr(drp, '_CHUNK_ENTRIES', entries)
         out = deform_roi_pool(input, rois, offset, (3, 2), 0.25)
         grads = torch.autograd.grad(out, (input, offset), torch.arange(out.numel()).view_as(out).double())
@@ -244,6 +244,17 @@ def test_low_precision(dtype):
 
 # ----------------------------------------------------------------------------------------------
 # modules
+
+
+def test_module_under_autocast():
+    input, rois, _ = random_case(12, c=4, dtype=torch.float32)
+    pool = ModulatedDeformRoIPool((3, 2), 4, deform_fc_channels=16, spatial_scale=0.25)
+    torch.nn.init.normal_(pool.offset_fc[-1].weight)
+    expected = pool(input, rois)
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # the fc layers give bfloat16 offsets and mask
+        out = pool(input, rois)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0.05, atol=0.05)
 
 
 def test_fresh_modules_are_roi_align():

@@ -1,4 +1,4 @@
-"""The scaled-digits renderer behind benchmarks/bench_digits.py: deterministic, really multi-scale, labels kept."""
+"""The renderer behind benchmarks/bench_digits.py: deterministic, really multi-scale, labels kept."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ def digits(all_digits) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _ink_box_side(x: torch.Tensor) -> torch.Tensor:
-    """Longer side, in pixels, of the bounding box of the non-zero pixels of each image (Tensor[N, 1, H, W])."""
+    """Longer side in pixels of the bounding box of each image's non-zero pixels (x: Tensor[N, 1, H, W])."""
     on = x[:, 0] > 0
     idx = torch.arange(x.shape[-1])
 
@@ -53,7 +53,7 @@ def test_canvas_shape_and_range(digits):
 def test_deterministic_from_seed(digits):
     images, _ = digits
     a, b, c = (render_scaled(images, seed=s) for s in (3, 3, 4))
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
     assert not torch.equal(a.images, c.images) and not torch.equal(a.scale, c.scale)
 
 

@@ -1,7 +1,6 @@
 """tools/visualize_offsets.py and dcn_det.visualization: composed sampling locations, the PNG, bad input."""
 import itertools
 import os.path as osp
-import sys
 
 import numpy as np
 import pytest
@@ -10,11 +9,15 @@ from mmengine.config import Config
 from PIL import Image
 
 from dcn_det import visualization as vis
-from tests._helpers import CONFIG_DIR, REPO, shrink_detector
+from dcn_det.checkpoint import load_state_dict_strict
+from tests._helpers import CONFIG_DIR
+from tools import visualize_offsets
 
-sys.path.insert(0, osp.join(REPO, 'tools'))
-import visualize_offsets  # noqa: E402
-
+DEMO = osp.join(CONFIG_DIR, 'shapes_r18_dcnv2.py')
+PLAIN = osp.join(CONFIG_DIR, 'shapes_r18_plain.py')
+# the demo's test pipeline at 128 px (a 128x96 image keeps its size) and fewer proposals: a faster test
+SMALL = {'test_dataloader.dataset.pipeline.1.scale': (128, 128), 'model.test_cfg.rpn.max_per_img': 50}
+SMALL_ARGS = ['--cfg-options', *(f'{k}={v}' for k, v in SMALL.items())]
 GRID = torch.tensor(list(itertools.product((-1, 0, 1), repeat=2)), dtype=torch.float64)  # row-major (dy, dx)
 
 
@@ -34,7 +37,7 @@ def test_zero_offsets_give_the_regular_grid_times_the_feature_stride():
 
 
 def test_strided_dilated_layer_samples_its_input_at_stride_times_unit():
-    # stride 2, padding 2, dilation 2 on a stride-16 input: unit (1, 1) reads rows/cols 0, 2, 4 -> 0, 32, 64 px
+    # stride 2, padding 2, dilation 2 on a stride-16 input: unit (1, 1) reads rows/cols 0, 2, 4 = 0, 32, 64 px
     (points, _), = vis.sampling_locations([offset_map(stride=2, pad=2, dil=2, in_stride=16)], (1, 1))
     assert points.tolist() == [[y, x] for y in (0, 32, 64) for x in (0, 32, 64)]
 
@@ -48,6 +51,16 @@ def test_two_layers_compose_to_81_points_of_the_5x5_grid():
     expected = torch.stack([centre + (a + b) * 8 for a in GRID for b in GRID])
     assert torch.equal(p2, expected)
     assert p2.unique(dim=0).shape[0] == 25
+
+
+def test_composing_onto_a_strided_layer_maps_through_its_output_stride():
+    # as R50's layer4.0.conv2 (stride 2: stride-16 input, stride-32 output) under layer4.1.conv2
+    lower, top = offset_map(stride=2, in_stride=8, name='lower'), offset_map(in_stride=16, name='top')
+    (p1, _), (p2, _) = vis.sampling_locations([lower, top], (2, 2))
+    centre = torch.tensor([32.0, 32.0], dtype=torch.float64)
+    assert torch.equal(p1, centre + GRID * 16)
+    # level-1 point 32 + 16a is unit 2 + a of the lower layer, which reads (2 (2 + a) - 1 + k) * 8
+    assert torch.equal(p2, torch.stack([centre + a * 16 + b * 8 for a in GRID for b in GRID]))
 
 
 def test_constant_offsets_shift_every_level_by_the_offset_times_stride():
@@ -90,7 +103,8 @@ def test_panels_pick_the_nearest_unit_and_map_back_to_the_original_image():
     # original (y=50, x=20) -> input (24.75, 9.75) -> unit (3, 1) at input (24, 8) -> original (48.5, 16.5)
     assert panel.unit == (3, 1)
     assert panel.centre == (48.5, 16.5)
-    assert torch.equal(panel.levels[0][0], vis.to_original(torch.tensor([[24.0, 8.0]]) + GRID * 8, (0.5, 0.5)))
+    expected = vis.to_original(torch.tensor([[24.0, 8.0]]) + GRID * 8, (0.5, 0.5))
+    assert torch.equal(panel.levels[0][0], expected)
 
 
 # The capture, on real deformable layers.
@@ -123,24 +137,14 @@ def test_capture_splits_offsets_and_masks_as_mmcv_does(modulated):
 
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
-    """A DCNv2 Faster R-CNN R18 (c3-c5 deformable) config, its fresh checkpoint and a 128x96 image."""
+    """A fresh checkpoint of the demo config (R18, DCNv2 in c3-c5) and a 128x96 image."""
     from mmdet.registry import MODELS
     from mmengine.registry import init_default_scope
 
     root = tmp_path_factory.mktemp('vis')
-    cfg = Config.fromfile(osp.join(CONFIG_DIR, 'faster_rcnn_dcnv2.py'))
-    cfg.model.backbone.depth = 18
-    shrink_detector(cfg, base_channels=16)
-    for step in cfg.test_dataloader.dataset.pipeline:
-        if step.type == 'Resize':
-            step.scale = (128, 128)  # a 128x96 image keeps its size: scale factor 1
-    cfg.dump(str(root / 'tiny_dcnv2.py'))
-    cfg.model.backbone.dcn = None
-    cfg.dump(str(root / 'tiny_plain.py'))
-
     init_default_scope('mmdet')
     torch.manual_seed(0)
-    model = MODELS.build(Config.fromfile(str(root / 'tiny_dcnv2.py')).model)
+    model = MODELS.build(Config.fromfile(DEMO).model)
     model.init_weights()
     torch.save({'state_dict': model.state_dict()}, root / 'tiny.pth')
     rng = np.random.default_rng(0)
@@ -148,24 +152,27 @@ def tiny(tmp_path_factory):
     return root
 
 
-def tiny_model(root):
-    model = vis.build_detector(Config.fromfile(str(root / 'tiny_dcnv2.py')))
-    vis.load_weights(model, torch.load(root / 'tiny.pth')['state_dict'])
+@pytest.fixture(scope='module')
+def tiny_model(tiny):
+    cfg = Config.fromfile(DEMO)
+    cfg.merge_from_dict(SMALL)
+    model = vis.build_detector(cfg)
+    load_state_dict_strict(model, torch.load(tiny / 'tiny.pth')['state_dict'], 'tiny.pth')
     return model
 
 
-def test_default_layers_are_the_last_three_in_forward_order(tiny):
-    model = tiny_model(tiny)
+def test_default_layers_are_the_last_three_in_forward_order(tiny_model):
+    model = tiny_model
     assert list(vis.select_layers(model)) == ['backbone.layer3.1.conv2', 'backbone.layer4.0.conv2',
                                               'backbone.layer4.1.conv2']
     assert list(vis.select_layers(model, ['layer4.1.conv2', 'backbone.layer2.0.conv2'])) == [
         'backbone.layer4.1.conv2', 'backbone.layer2.0.conv2']
 
 
-def test_fresh_model_samples_the_regular_grid_and_a_bias_shifts_it(tiny):
+def test_fresh_model_samples_the_regular_grid_and_a_bias_shifts_it(tiny, tiny_model):
     import mmcv
 
-    model = tiny_model(tiny)
+    model = tiny_model
     image = mmcv.imread(str(tiny / 'image.png'))
     layers = vis.select_layers(model, ['backbone.layer4.0.conv2', 'backbone.layer4.1.conv2'])
     maps, result = vis.capture(model, image, layers)
@@ -179,11 +186,17 @@ def test_fresh_model_samples_the_regular_grid_and_a_bias_shifts_it(tiny):
     assert torch.equal(p2, torch.stack([p + (a + b) * 32 for a in GRID for b in GRID]))
     assert torch.equal(w2, torch.full((81,), 0.25, dtype=torch.float64))  # sigmoid(0) twice
 
-    for layer in layers.values():
-        with torch.no_grad():
-            layer.conv_offset.bias[0:18:2] = 1.0
-            layer.conv_offset.bias[1:18:2] = 0.5
-    maps, _ = vis.capture(model, image, layers)
+    saved = [layer.conv_offset.bias.detach().clone() for layer in layers.values()]
+    try:
+        for layer in layers.values():
+            with torch.no_grad():
+                layer.conv_offset.bias[0:18:2] = 1.0
+                layer.conv_offset.bias[1:18:2] = 0.5
+        maps, _ = vis.capture(model, image, layers)
+    finally:  # the model is shared by this module's tests
+        for layer, bias in zip(layers.values(), saved, strict=True):
+            with torch.no_grad():
+                layer.conv_offset.bias.copy_(bias)
     assert [m.mean_abs_offset() for m in maps] == [pytest.approx(1.25 ** 0.5 * 32)] * 2
     (q1, _), (q2, _) = vis.sampling_locations(maps, unit)
     shift = torch.tensor([1.0, 0.5], dtype=torch.float64) * 32
@@ -193,8 +206,8 @@ def test_fresh_model_samples_the_regular_grid_and_a_bias_shifts_it(tiny):
 
 def test_cli_writes_a_png_of_the_composed_points(tiny, capsys):
     out = tiny / 'offsets.png'
-    assert visualize_offsets.main([str(tiny / 'tiny_dcnv2.py'), str(tiny / 'tiny.pth'), str(tiny / 'image.png'),
-                                   '--out', str(out), '--points', '64,48', '10,80']) == str(out)
+    assert visualize_offsets.main([DEMO, str(tiny / 'tiny.pth'), str(tiny / 'image.png'), '--out', str(out),
+                                   '--points', '64,48', '10,80', *SMALL_ARGS]) == str(out)
     with Image.open(out) as img:
         img.verify()
     with Image.open(out) as img:
@@ -209,14 +222,16 @@ def test_cli_writes_a_png_of_the_composed_points(tiny, capsys):
 
 @pytest.mark.parametrize('extra, message', [
     (['--layers', 'backbone.layer4.7.conv2'],
-     "'backbone.layer4.7.conv2' is not a deformable layer of this model; choose from backbone.layer2.0.conv2, "),
-    (['--layers', 'layer4.1.conv2', 'backbone.layer4.1.conv2'], 'layer backbone.layer4.1.conv2 is given twice'),
+     "'backbone.layer4.7.conv2' is not a deformable layer of this model; choose from "
+     'backbone.layer2.0.conv2, backbone.layer2.1.conv2, '),
+    (['--layers', 'layer4.1.conv2', 'backbone.layer4.1.conv2'],
+     'layer backbone.layer4.1.conv2 is given twice'),
     (['--points', '128,10'], 'point 128,10 is outside the 128x96 image'),
     (['--out', 'offsets.jpg'], "--out 'offsets.jpg' must end in .png"),
 ], ids=['unknown-layer', 'layer-twice', 'point-outside', 'not-png'])
 def test_bad_arguments_fail_in_one_line(tiny, capsys, extra, message):
     with pytest.raises(SystemExit) as exc:
-        visualize_offsets.main([str(tiny / 'tiny_dcnv2.py'), str(tiny / 'tiny.pth'), str(tiny / 'image.png'),
+        visualize_offsets.main([DEMO, str(tiny / 'tiny.pth'), str(tiny / 'image.png'),
                                 '--out', str(tiny / 'never.png'), *extra])
     assert exc.value.code == 2
     err = capsys.readouterr().err
@@ -228,23 +243,22 @@ def test_existing_out_is_refused_and_left_alone(tiny, capsys):
     out = tiny / 'taken.png'
     out.write_bytes(b'precious')
     with pytest.raises(SystemExit):
-        visualize_offsets.main([str(tiny / 'tiny_dcnv2.py'), str(tiny / 'tiny.pth'), str(tiny / 'image.png'),
+        visualize_offsets.main([DEMO, str(tiny / 'tiny.pth'), str(tiny / 'image.png'),
                                 '--out', str(out)])
     assert f"error: '{out}' exists: remove it or choose another --out" in capsys.readouterr().err
     assert out.read_bytes() == b'precious'
 
 
 @pytest.mark.parametrize('config, checkpoint, image, message', [
-    ('missing.py', 'tiny.pth', 'image.png', "config '{root}/missing.py' does not exist"),
-    ('tiny_dcnv2.py', 'missing.pth', 'image.png', "checkpoint '{root}/missing.pth' does not exist"),
-    ('tiny_dcnv2.py', 'tiny.pth', 'missing.png', "image '{root}/missing.png' does not exist"),
-    ('tiny_dcnv2.py', 'tiny_dcnv2.py', 'image.png', 'cannot be loaded'),
-    ('tiny_dcnv2.py', 'tiny.pth', 'tiny_plain.py', 'is not an image file that OpenCV can read'),
-    ('tiny_plain.py', 'tiny.pth', 'image.png', 'the model has no deformable layer in its backbone'),
-], ids=['config', 'checkpoint', 'image', 'checkpoint-not-torch', 'image-not-image', 'no-dcn'])
+    ('{root}/missing.py', 'tiny.pth', 'image.png', "config '{root}/missing.py' does not exist"),
+    (DEMO, 'missing.pth', 'image.png', "checkpoint '{root}/missing.pth' does not exist"),
+    (DEMO, 'tiny.pth', 'missing.png', "image '{root}/missing.png' does not exist"),
+    (DEMO, 'tiny.pth', 'tiny.pth', 'is not an image file that OpenCV can read'),
+    (PLAIN, 'tiny.pth', 'image.png', 'the model has no deformable layer in its backbone'),
+], ids=['config', 'checkpoint', 'image', 'image-not-image', 'no-dcn'])
 def test_bad_files_fail_in_one_line(tiny, capsys, config, checkpoint, image, message):
     with pytest.raises(SystemExit):
-        visualize_offsets.main([str(tiny / config), str(tiny / checkpoint), str(tiny / image),
+        visualize_offsets.main([config.format(root=tiny), str(tiny / checkpoint), str(tiny / image),
                                 '--out', str(tiny / 'never.png')])
     err = capsys.readouterr().err
     assert message.format(root=tiny) in err and err.count('\n') == 1
@@ -256,7 +270,7 @@ def test_checkpoint_of_another_model_is_refused(tiny, capsys):
     del state['backbone.layer4.1.conv2.conv_offset.weight']
     torch.save({'state_dict': state}, tiny / 'partial.pth')
     with pytest.raises(SystemExit):
-        visualize_offsets.main([str(tiny / 'tiny_dcnv2.py'), str(tiny / 'partial.pth'), str(tiny / 'image.png'),
+        visualize_offsets.main([DEMO, str(tiny / 'partial.pth'), str(tiny / 'image.png'),
                                 '--out', str(tiny / 'never.png')])
     err = capsys.readouterr().err
     assert "does not belong to this config's model" in err and 'layer4.1.conv2.conv_offset.weight' in err

@@ -1,6 +1,7 @@
 """ResNet whose 3x3 convs in chosen stages are (modulated) deformable convs, in mmdet's own layout."""
-import copy
 import os.path as osp
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Optional, Sequence
 
 from mmcv.cnn import build_conv_layer
@@ -19,11 +20,13 @@ DCN_LAYERS = {
     'DCN': DeformConv2dPack,
 }
 
+DEFAULT_DCN = MappingProxyType(dict(type='MDConv', deform_groups=1))  # read-only: a safe default
+
 
 def _resolve_dcn(dcn: Optional[dict]) -> Optional[dict]:
     if dcn is None:
         return None
-    if not isinstance(dcn, dict) or 'type' not in dcn:
+    if not isinstance(dcn, Mapping) or 'type' not in dcn:
         raise TypeError(f"dcn must be None or a dict with a 'type', e.g. dict(type='MDConv'), got {dcn!r}")
     dcn = dict(dcn)
     if isinstance(dcn['type'], str):
@@ -117,7 +120,7 @@ class DCNResNet(ResNet):
 
     def __init__(self,
                  depth: int,
-                 dcn: Optional[dict] = dict(type='MDConv', deform_groups=1),
+                 dcn: Optional[dict] = DEFAULT_DCN,
                  stage_with_dcn: Sequence[bool] = (False, True, True, True),
                  **kwargs) -> None:
         if depth not in self.arch_settings:

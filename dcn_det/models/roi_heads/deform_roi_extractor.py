@@ -50,6 +50,9 @@ class DeformRoIExtractor(SingleRoIExtractor):
         if self._share:
             for layer in layers[1:]:
                 for name in ('offset_fc', 'mask_fc'):
-                    if hasattr(layers[0], name):
-                        setattr(layer, name, getattr(layers[0], name))
+                    if name in layer._modules:
+                        # A plain (unregistered) reference to level 0's predictor: its parameters are
+                        # registered once, so optimiser groups, state dicts and DDP see them once.
+                        del layer._modules[name]
+                        object.__setattr__(layer, name, getattr(layers[0], name))
         return layers
