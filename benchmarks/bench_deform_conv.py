@@ -5,7 +5,8 @@ For each shape (batch 2, 3x3, stride 1, padding 1, C_in = C_out; c3 = 128 channe
 backward producing the gradients of input, offset, mask, weight and bias, for F.conv2d (dense, no
 offsets) and for dcn_det's ``deform_conv2d`` with each backend. Runs are interleaved (dense, native,
 mmcv, torchvision, dense, ...) and summarised by medians, so that load from other processes hits all
-of them alike; ratios are to the dense median of the same run.
+of them alike; ratios are to the dense median of the same run (and, as a second figure, fastest run
+to fastest run: on a machine shared with other work the fastest runs are the least disturbed).
 
 Peak extra memory is the most tensor memory one forward+backward holds at once on top of its inputs
 (output, temporaries and the returned gradients included), after one warm-up call on a 4x4 input:
@@ -106,6 +107,14 @@ def peak_memory(shape: str, method: str, device: str) -> int:
     return peak
 
 
+def _load_average() -> list:
+    try:
+        with open('/proc/loadavg') as f:
+            return [float(v) for v in f.read().split()[:3]]
+    except OSError:
+        return []
+
+
 def device_name(device: str) -> str:
     if device.startswith('cuda'):
         return torch.cuda.get_device_name(device)
@@ -115,7 +124,8 @@ def device_name(device: str) -> str:
             model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
     except (OSError, StopIteration):
         pass
-    return f'{model}, {torch.get_num_threads()} threads'
+    threads = torch.get_num_threads()
+    return f"{model}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def main(argv=None) -> int:
@@ -124,9 +134,14 @@ def main(argv=None) -> int:
     parser.add_argument('--repeats', type=int, default=5, help='timed runs per method (median reported)')
     parser.add_argument('--methods', default=','.join(METHODS), help=f'comma-separated, from {METHODS}')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--threads', type=int, default=0,
+                        help='CPU threads (torch.set_num_threads); 0 keeps torch\'s default. On a machine '
+                             'whose cores are busy with other work, 1 gives steadier numbers')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
     parser.add_argument('--out', default='work_dirs/bench/deform_conv.json', help='JSON results path')
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     shapes = args.shapes.split(',')
     methods = args.methods.split(',')
@@ -137,12 +152,14 @@ def main(argv=None) -> int:
     if 'dense' not in methods:
         methods.insert(0, 'dense')
     results = dict(device=device_name(args.device), torch=torch.__version__, repeats=args.repeats,
-                   batch=2, shapes={})
+                   batch=2, load_average=_load_average(), shapes={})
     for shape in shapes:
         times = time_shape(shape, methods, args.repeats, args.device)
         med = {m: statistics.median(v) for m, v in times.items()}
+        best = {m: min(v) for m, v in times.items()}
         entry = dict(channels=SHAPES[shape][0], size=SHAPES[shape][1], times_s=times, median_s=med,
-                     ratio_to_dense={m: med[m] / med['dense'] for m in methods})
+                     ratio_to_dense={m: med[m] / med['dense'] for m in methods},
+                     best_ratio_to_dense={m: best[m] / best['dense'] for m in methods})
         if not args.no_memory:
             entry['peak_extra_bytes'] = {m: peak_memory(shape, m, args.device) for m in methods}
         results['shapes'][shape] = entry
@@ -158,15 +175,17 @@ def main(argv=None) -> int:
 
 def markdown(results: dict, methods: list) -> str:
     lines = [f"DCNv2 forward+backward, batch {results['batch']}, 3x3 s1 p1, {results['device']}, "
-             f"torch {results['torch']}, median of {results['repeats']}; time as a multiple of dense "
-             f"(dense in ms), peak extra memory in MiB",
+             f"torch {results['torch']}, median of {results['repeats']}, load average before "
+             f"{results['load_average'][:1]}; time as a multiple of dense (dense in ms; ratio of medians, "
+             f"and of the fastest runs, which other load disturbs least), peak extra memory in MiB",
              '',
              '| shape | ' + ' | '.join(methods) + ' |',
              '|---|' + '---|' * len(methods)]
     for shape, e in results['shapes'].items():
         cells = []
         for m in methods:
-            cell = f"{e['median_s'][m] * 1e3:.0f} ms" if m == 'dense' else f"{e['ratio_to_dense'][m]:.2f}x"
+            cell = f"{e['median_s'][m] * 1e3:.0f} ms" if m == 'dense' else \
+                f"{e['ratio_to_dense'][m]:.2f}x (best {e['best_ratio_to_dense'][m]:.2f}x)"
             if 'peak_extra_bytes' in e:
                 cell += f" / {e['peak_extra_bytes'][m] / 2**20:.0f} MiB"
             cells.append(cell)

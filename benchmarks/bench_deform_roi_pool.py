@@ -32,6 +32,7 @@ import torchvision
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks._memory import peak_rss, reset_peak_rss  # noqa: E402
 from dcn_det.ops import ModulatedDeformRoIPool, deform_roi_pool  # noqa: E402
 
 BASELINE = 'torchvision roi_align (aligned)'
@@ -119,27 +120,9 @@ def _memory_child(variant: str, args: argparse.Namespace) -> None:
         run(fn, wrt, inp['grad'], args.device, True)
         print((torch.cuda.max_memory_allocated() - before) / 2**20)
     else:
-        before = _reset_peak_rss()
+        before = reset_peak_rss()
         run(fn, wrt, inp['grad'], args.device, True)
-        print(_peak_rss() - before)
-
-
-def _reset_peak_rss() -> float:
-    """Current RSS in MiB, after resetting the peak to it. Not ``ru_maxrss``: Linux carries the
-    parent's peak RSS into a child across fork and exec, which hides any growth below it."""
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')
-    return _proc_status_mib('VmRSS')
-
-
-def _peak_rss() -> float:
-    return _proc_status_mib('VmHWM')
-
-
-def _proc_status_mib(field: str) -> float:
-    with open('/proc/self/status') as f:
-        fields = dict(line.split(':', 1) for line in f)
-    return int(fields[field].split()[0]) / 1024
+        print(peak_rss() - before)
 
 
 def main() -> None:

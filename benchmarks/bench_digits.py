@@ -17,13 +17,17 @@ differ only in the last ``--deform-layers`` convs: ``nn.Conv2d`` (regular),
 without bias (BN follows). Paired runs: for one seed every variant starts from the same conv, BN and
 linear weights (the offset predictors are zero-initialised, so DCNv1 starts as the regular net and
 DCNv2 as the regular net with those layers halved), sees the same training images in the same order,
-and uses the same optimiser: AdamW (lr ``--lr``, weight decay 1e-4), batch 64, cosine schedule, with
-the offset/mask predictors at ``--offset-lr-mult`` x the lr (0.1, as in the DCNv2 paper).
+and uses the same optimiser: AdamW (lr ``--lr``, weight decay 1e-4), batch 64, one-cycle schedule
+(15% warm-up, cosine decay), with the offset/mask predictors at ``--offset-lr-mult`` x the lr (0.1, as
+in the DCNv2 paper). ``--variants dilated`` adds a control: regular convs with dilation 2 in the
+deformable layers' place, a fixed wider grid with no extra parameters.
 
-Reported per variant: test accuracy mean +- std over seeds, accuracy per scale third (small / middle
-/ large digits), train time per epoch, and, as a diagnostic of whether the offsets adapt to scale,
-the mean radial offset of the last deformable layer (how far, in pixels of that layer's 10x10 map, the
-8 outer kernel points move away from the centre; > 0 is a wider grid) per scale third.
+Reported per variant: test accuracy mean +- std (sample std) over seeds, accuracy per scale third
+(small / middle / large digits), train time per epoch (``--threads``, default 1, so that the number
+moves less with other jobs on the machine), and, as a diagnostic of whether the offsets adapt to scale,
+the mean radial offset of the last deformable layer on the digit (how far, in pixels of that layer's
+10x10 map, the 8 outer kernel points move away from the centre, averaged over the cells inside the
+digit's box; > 0 is a wider grid, +1 about what dilation 2 gives) per scale third.
 
 Published numbers, shown beside ours: they are *not* the same protocol. The scaled-MNIST pair
 (57.01% regular, 92.55% deformable; felixlaumon/deform-conv, a Keras reproduction of Dai et al.
@@ -138,7 +142,22 @@ def on_digit(boxes: Tensor, size: int) -> Tensor:
 def scale_bin(scale: Tensor, scale_range: Sequence[float]) -> Tensor:
     """0 / 1 / 2 for the lower / middle / upper third of ``scale_range`` in log scale."""
     lo, hi = (math.log(s) for s in scale_range)
+    if hi == lo:
+        return torch.ones_like(scale, dtype=torch.long)  # one scale: all 'middle'
     return ((scale.log() - lo) / (hi - lo) * 3).long().clamp(0, 2)
+
+
+def by_bin(values: Tensor, bins: Tensor) -> dict:
+    """Mean of ``values`` per scale third; None for a third with no digits (one-scale runs)."""
+    return {b: values[bins == i].mean().item() if (bins == i).any() else None for i, b in enumerate(SCALE_BINS)}
+
+
+def mean_or_none(values: list) -> Optional[float]:
+    return None if None in values else statistics.mean(values)
+
+
+def fmt(value: Optional[float], spec: str) -> str:
+    return '-' if value is None else format(value, spec)
 
 
 @torch.no_grad()
@@ -156,12 +175,12 @@ def evaluate(net: DigitNet, x: Tensor, y: Tensor, scale_range: Sequence[float], 
     bins = scale_bin(scale, scale_range)
     correct = (pred == y).float()
     result = dict(acc=correct.mean().item(),
-                  acc_by_scale={b: correct[bins == i].mean().item() for i, b in enumerate(SCALE_BINS)})
+                  acc_by_scale=by_bin(correct, bins))
     if radial:  # over the cells on the digit, then over the digits of each scale third
         r = torch.cat(radial)
         mask = on_digit(boxes, r.shape[-1])
         r = (r * mask).sum((1, 2)) / mask.sum((1, 2))
-        result['radial_offset_by_scale'] = {b: r[bins == i].mean().item() for i, b in enumerate(SCALE_BINS)}
+        result['radial_offset_by_scale'] = by_bin(r, bins)
     return result
 
 
@@ -181,7 +200,7 @@ def train_one(variant: str, seed: int, data: dict, args: argparse.Namespace) -> 
     for epoch in range(args.epochs):
         # the same images in the same order for every variant of one seed
         x = render_scaled(x_train, seed=seed * 100_003 + epoch, canvas=CANVAS, nominal=NOMINAL,
-                             scale_range=args.train_scale_range or args.scale_range).images
+                          scale_range=args.train_scale_range or args.scale_range).images
         order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         net.train()
         start = time.perf_counter()
@@ -214,10 +233,10 @@ def summarise(runs: list[dict]) -> dict:
     accs = [100 * r['acc'] for r in runs]
     summary = dict(mean=statistics.mean(accs), std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
                    epoch_s=statistics.mean(r['epoch_s'] for r in runs), params=runs[0]['params'],
-                   acc_by_scale={b: 100 * statistics.mean(r['acc_by_scale'][b] for r in runs)
-                                 for b in SCALE_BINS})
+                   acc_by_scale={b: mean_or_none([r['acc_by_scale'][b] for r in runs]) for b in SCALE_BINS})
+    summary['acc_by_scale'] = {b: None if a is None else 100 * a for b, a in summary['acc_by_scale'].items()}
     if 'radial_offset_by_scale' in runs[0]:
-        summary['radial_offset_by_scale'] = {b: statistics.mean(r['radial_offset_by_scale'][b] for r in runs)
+        summary['radial_offset_by_scale'] = {b: mean_or_none([r['radial_offset_by_scale'][b] for r in runs])
                                              for b in SCALE_BINS}
     return summary
 
@@ -229,8 +248,8 @@ def table(result: dict) -> str:
             + [f'published: {r}' for r in refs])
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for v, s in result['variants'].items():
-        by_scale = ' / '.join(f"{s['acc_by_scale'][b]:.1f}" for b in SCALE_BINS)
-        radial = ' / '.join(f"{s['radial_offset_by_scale'][b]:+.2f}" for b in SCALE_BINS) \
+        by_scale = ' / '.join(fmt(s['acc_by_scale'][b], '.1f') for b in SCALE_BINS)
+        radial = ' / '.join(fmt(s['radial_offset_by_scale'][b], '+.2f') for b in SCALE_BINS) \
             if 'radial_offset_by_scale' in s else '-'
         pub = [f'{PUBLISHED[r][v]:.2f}' if v in PUBLISHED[r] else '-' for r in refs]
         row = [v, f"{s['mean']:.2f} ± {s['std']:.2f}", by_scale, f"{s['epoch_s']:.2f}", radial, *pub]
@@ -239,33 +258,45 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    """Bar chart of our accuracy per variant (error bars: std over seeds) and the published references."""
+    """Our accuracy per variant (error bars: std over seeds; dots: single seeds), our error rate per scale
+    third, and the published references, side by side."""
     from matplotlib.figure import Figure  # no pyplot: no global backend, Agg via savefig
 
-    variants = list(result['variants'])
-    colours = dict(zip(VARIANTS + CONTROLS, ('tab:gray', 'tab:blue', 'tab:orange', 'tab:green'), strict=True))
-    fig = Figure(figsize=(10, 4), layout='constrained')
-    ours, published = fig.subplots(1, 2, width_ratios=(1, 1.3))
     s = result['variants']
+    variants = list(s)
+    colours = dict(zip(VARIANTS + CONTROLS, ('tab:gray', 'tab:blue', 'tab:orange', 'tab:green'), strict=True))
+    fig = Figure(figsize=(14, 4), layout='constrained')
+    ours, by_scale, published = fig.subplots(1, 3, width_ratios=(1, 1.1, 1.3))
     ours.bar(variants, [s[v]['mean'] for v in variants], yerr=[s[v]['std'] for v in variants], capsize=5,
              color=[colours[v] for v in variants])
     for i, v in enumerate(variants):
         ours.text(i, 2, f"{s[v]['mean']:.1f}\n± {s[v]['std']:.1f}", ha='center', fontsize=8, color='white')
-        for seed_run in result['runs'][v]:
-            ours.plot(i, 100 * seed_run['acc'], 'k.', ms=4)
+        ours.plot([i] * len(result['runs'][v]), [100 * r['acc'] for r in result['runs'][v]], 'k.', ms=4)
     lo, hi = result['scale_range']
     ours.set_title(f"ours: digits at {lo:g}-{hi:g}x, {len(result['seeds'])} seed(s), "
                    f"{result['epochs']} epochs", fontsize=9)
     ours.set_ylabel('test accuracy (%)')
     ours.set_ylim(0, 100)
+
+    width = 0.8 / len(variants)
+    for j, v in enumerate(variants):
+        points = [(i, 100 - a) for i, a in enumerate(s[v]['acc_by_scale'].values()) if a is not None]
+        by_scale.bar([i + (j - (len(variants) - 1) / 2) * width for i, _ in points], [e for _, e in points],
+                     width, label=v, color=colours[v])
+    by_scale.set_xticks(range(len(SCALE_BINS)), [f'{b} digits' for b in SCALE_BINS], fontsize=8)
+    by_scale.set_ylabel('test error (%), mean over seeds')
+    by_scale.set_title('ours: error per scale third', fontsize=9)
+    by_scale.legend(fontsize=8)
+
     width = 0.8 / len(VARIANTS)
     for j, v in enumerate(VARIANTS):
         points = [(i, ref[v]) for i, ref in enumerate(PUBLISHED.values()) if v in ref]
         bars = published.bar([i + (j - 1) * width for i, _ in points], [acc for _, acc in points], width,
                              label=v, color=colours[v])
-        published.bar_label(bars, fmt='%.1f', fontsize=8)
+        published.bar_label(bars, fmt='%g', fontsize=8)
     published.set_xticks(range(len(PUBLISHED)), [r.replace(' (', '\n(') for r in PUBLISHED], fontsize=8)
     published.set_ylim(0, 100)
+    published.set_ylabel('test accuracy (%)')
     published.set_title('published (other protocols: see bench_digits.py)', fontsize=9)
     published.legend(fontsize=8, loc='upper right')
     os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)

@@ -5,14 +5,13 @@
 Same inputs for every variant (2 images, 5 boxes each), variants interleaved in every repeat,
 medians reported as ratios to plain measured in the same run. Peak memory: on CUDA
 ``max_memory_allocated`` during one train step; on CPU the growth of the process's peak RSS over one
-train step, each variant in a fresh subprocess. Writes ``work_dirs/bench/models.json``.
+train step (VmHWM after a reset), each variant in a fresh subprocess. Writes ``work_dirs/bench/models.json``.
 """
 import argparse
 import json
 import os
 import os.path as osp
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import torch
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from benchmarks._memory import peak_rss, reset_peak_rss  # noqa: E402
 
 VARIANTS = {
     'plain': ('faster_rcnn_r50_fpn.py', {}),
@@ -107,9 +108,9 @@ def _memory_child(variant: str, size: int, device: str) -> None:
         train_step(model, data, device)
         print((torch.cuda.max_memory_allocated() - before) / 2**20)
     else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = reset_peak_rss()
         train_step(model, data, device)
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+        print(peak_rss() - before)
 
 
 def main() -> None:

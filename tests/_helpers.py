@@ -63,7 +63,7 @@ optim_wrapper = dict(optimizer=dict(lr={lr}))
 
 
 def write_tiny_shapes_config(path, data_root: str, classes, *, base: str = 'shapes_r18_dcnv2.py',
-                             epochs: int = 2, image_size: int = 96, val_split: str = 'val', lr: float = 0.02,
+                             epochs: int = 2, image_size: int = 96, val_split: str = 'val', lr: float = 2e-3,
                              extra: str = '') -> str:
     """A shipped shapes config at 1/4 width on a tiny generated dataset: data_root/classes changed only."""
     text = TINY_SHAPES_CONFIG.format(base=osp.join(CONFIG_DIR, base), data_root=str(data_root).rstrip('/') + '/',

@@ -12,7 +12,9 @@ layout and inference of ``groups``/``offset_groups`` from the shapes) with a ``b
   gradient gives the input gradient, and per-row dot products (column gradient . corner row) give
   the offset and mask gradients in closed form. Work is chunked over output rows so that a column
   buffer stays under ``_CHUNK_BYTES`` (16 MiB) whatever the image size, and the columns are
-  recomputed in the backward rather than kept, as mmcv does.
+  recomputed in the backward rather than kept, as mmcv does; the peak extra memory of a
+  forward+backward is one chunk's columns plus a few activation-sized buffers (padded input table,
+  its gradient, output-gradient rows).
 - ``'mmcv'``: mmcv's compiled kernels (``modulated_deform_conv2d``; ``deform_conv2d`` for DCNv1).
 - ``'torchvision'``: :func:`torchvision.ops.deform_conv2d`.
 - ``'auto'``: native on CPU; on CUDA mmcv when mmcv was compiled with CUDA, else torchvision.
@@ -49,6 +51,8 @@ BACKENDS = ('native', 'mmcv', 'torchvision')
 _BACKEND_CHOICES = ('auto',) + BACKENDS
 
 # Upper bound on the native column buffer (P_chunk x K*C) per chunk; tests lower it to force chunking.
+# 16 MiB was the fastest of 4..64 MiB on CPU: buffers above glibc's 32 MiB mmap threshold are mapped
+# and page-faulted afresh on every call.
 _CHUNK_BYTES = 16 * 2**20
 # Output pixels per call from which the native op runs its big matmuls on oneDNN (see _Linear).
 _ONEDNN_MIN_ROWS = 1024
@@ -135,8 +139,10 @@ def _mmcv_has_cuda() -> bool:
 
 
 def _pair(value: _IntPair, name: str, minimum: int) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) \
-        else ()
+    if isinstance(value, int):
+        pair = (value, value)
+    else:
+        pair = tuple(value) if isinstance(value, (tuple, list)) else ()
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise TypeError(f'{name} must be an int or a pair of ints, got {value!r}')
     if min(pair) < minimum:
@@ -411,7 +417,8 @@ def _forward_chunk(table: Tensor, sampler: _Sampler, r0: int, r1: int, w_mat: Te
     n0, n1 = sampler.images(r0, r1)
     idx, psw, _, _ = sampler(r0, r1)
     k, g = sampler.k, w_mat.shape[0]
-    cols = _embedding_bag(table[n0:n1].view(-1, table.shape[-1] // sampler.dg), idx, psw).view(out.shape[0], -1)
+    tab = table[n0:n1].view(-1, table.shape[-1] // sampler.dg)
+    cols = _embedding_bag(tab, idx, psw).view(out.shape[0], -1)
     if linear is not None:
         linear(cols, None if bias is None else bias[0, 0], out=out)
     else:
@@ -500,13 +507,19 @@ def _backward_chunk(go: Tensor, table: Tensor, sampler: _Sampler, r0: int, r1: i
     grad_cols = grad_cols.view(idx.shape[0], -1)  # (B, C/DG): one row per sample
     offset2bag = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(4)
     if acc.table is not None:
-        # the scatter-add transpose of the gather (sorts the indices, then one axpy per row);
-        # bag sizes and max indices only matter in mean / max mode
+        # The scatter-add transpose of the gather (sorts the indices, then one axpy per row), into a
+        # fresh zeroed block; bag sizes and max indices only matter in mean / max mode. On CPU the
+        # block spans only the table rows the chunk touches (a large image split into many chunks
+        # would otherwise zero and add its whole table per chunk); the bounds are read on the host,
+        # so not on GPUs (a sync) nor while compiling (a graph break).
+        rows, lo, hi = idx.view(-1), 0, tab.shape[0]
+        if idx.device.type == 'cpu' and rows.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(rows.min()), int(rows.max()) + 1
+            rows = rows - lo
         bag_size = torch.full_like(idx[:, 0], 4)
         grad_tab = torch.ops.aten._embedding_bag_dense_backward(
-            grad_cols, idx.view(-1), offset2bag, bag_size, bag_size, tab.shape[0], False, 0,
-            psw.view(-1), -1)
-        acc.table[n0:n1].view(tab.shape).add_(grad_tab)
+            grad_cols, rows, offset2bag, bag_size, bag_size, hi - lo, False, 0, psw.view(-1), -1)
+        acc.table[n0:n1].view(tab.shape)[lo:hi].add_(grad_tab)
         del grad_tab
     if acc.offset is not None or acc.mask is not None:
         # s[b, j] = <grad of sample b, corner row j of sample b>

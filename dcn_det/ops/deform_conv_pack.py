@@ -2,12 +2,13 @@
 
 They subclass :class:`mmcv.ops.DeformConv2dPack` / :class:`mmcv.ops.ModulatedDeformConv2dPack`, so
 that everything keyed on mmcv's classes keeps working: mmengine's
-``paramwise_cfg=dict(dcn_offset_lr_mult=...)`` finds ``conv_offset``, mmcv's ``_version`` /
-``_load_from_state_dict`` key migration applies, the zero initialisation of ``conv_offset`` is
-mmcv's, and mmdet model-zoo checkpoints (``weight``, ``bias``, ``conv_offset.weight``,
-``conv_offset.bias``) load key for key. Only ``forward`` changes: it calls
-:func:`dcn_det.ops.deform_conv2d` with the layer's ``backend``. They are not registered in any
-registry here; the models layer does that.
+``paramwise_cfg=dict(dcn_offset_lr_mult=...)`` finds ``conv_offset``, the zero initialisation of
+``conv_offset`` is mmcv's, mmdet model-zoo checkpoints (``weight``, ``bias``, ``conv_offset.weight``,
+``conv_offset.bias``) load key for key, and mmcv's ``_version`` (2) and ``_load_from_state_dict``
+are inherited. (Its pre-version-2 renaming of ``<layer>_offset.*`` keys never fires through torch's
+or mmengine's loaders, which hand a layer only the keys under its own prefix.) Only ``forward``
+changes: it calls :func:`dcn_det.ops.deform_conv2d` with the layer's ``backend``. They are not
+registered in any registry here; the models layer does that.
 
 torch.compile: with the native backend a model containing these layers compiles into one graph
 (no graph break, aot_eager and inductor); with ``backend='mmcv'`` dynamo graph-breaks at each
@@ -16,12 +17,24 @@ deformable op (mmcv's pybind extension is opaque to it). See :mod:`dcn_det.ops.d
 import torch
 from mmcv.ops import DeformConv2dPack as _MMCVDeformConv2dPack
 from mmcv.ops import ModulatedDeformConv2dPack as _MMCVModulatedDeformConv2dPack
-from torch import Tensor
+from torch import Tensor, nn
 
 from .deform_conv import check_backend, deform_conv2d
 
 
-class DeformConv2dPack(_MMCVDeformConv2dPack):
+class _QuietLoad:
+    """Load as a plain module, without mmcv's per-layer log.
+
+    mmcv's packs log "... is upgraded to version 2" for every layer of every current checkpoint
+    (their version test is inverted), and their old-key renaming cannot fire (torch hands a layer
+    only the keys under its own prefix), so skipping their override changes nothing else.
+    """
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        nn.Module._load_from_state_dict(self, *args, **kwargs)
+
+
+class DeformConv2dPack(_QuietLoad, _MMCVDeformConv2dPack):
     """DCNv1 layer: ``conv_offset`` (zero-initialised) predicts the offsets from the input.
 
     Args: those of :class:`mmcv.ops.DeformConv2dPack` (``in_channels``, ``out_channels``,
@@ -41,7 +54,7 @@ class DeformConv2dPack(_MMCVDeformConv2dPack):
                              backend=self.backend)
 
 
-class ModulatedDeformConv2dPack(_MMCVModulatedDeformConv2dPack):
+class ModulatedDeformConv2dPack(_QuietLoad, _MMCVModulatedDeformConv2dPack):
     """DCNv2 layer: ``conv_offset`` (zero-initialised) predicts offsets and masks from the input.
 
     At initialisation the offsets are 0 and the masks sigmoid(0) = 0.5, so the layer computes half
