@@ -9,6 +9,7 @@ train step (VmHWM after a reset), each variant in a fresh subprocess. Writes ``w
 """
 import argparse
 import json
+import logging
 import os
 import os.path as osp
 import platform
@@ -36,6 +37,7 @@ VARIANTS = {
 def build(variant: str, device: str):
     from mmdet.registry import MODELS
     from mmengine.config import Config
+    from mmengine.logging import MMLogger
     from mmengine.registry import init_default_scope
 
     import dcn_det  # noqa: F401
@@ -48,6 +50,7 @@ def build(variant: str, device: str):
     init_default_scope('mmdet')
     torch.manual_seed(0)
     model = MODELS.build(cfg.model).to(device)
+    MMLogger.get_current_instance().setLevel(logging.WARNING)  # init_weights logs every parameter
     model.init_weights()
     return model
 
