@@ -35,13 +35,14 @@ Precision: half and bfloat16 are computed in float32 (float64 stays float64), au
 inside, and the result has ``input``'s dtype. ``rois`` may be float32 whatever ``input``'s dtype
 (image coordinates in float16 are only accurate to 0.5 px above 1024).
 """
-import functools
 import warnings
 from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+from .deform_conv import _mmcv_has_cuda
 
 _BACKENDS = ('auto', 'native', 'mmcv')
 
@@ -209,15 +210,6 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend == 'auto' and device.type == 'cuda' and _mmcv_has_cuda():
         return 'mmcv'
     return 'native'
-
-
-@functools.cache
-def _mmcv_has_cuda() -> bool:
-    try:
-        from mmcv.ops import get_compiling_cuda_version
-    except ImportError:
-        return False
-    return get_compiling_cuda_version() != 'not available'
 
 
 def _pair(value: _IntPair, name: str) -> tuple[int, int]:
