@@ -42,8 +42,6 @@ def build_runner(cfg: Config):
     from mmdet.registry import RUNNERS
     from mmengine.runner import Runner
 
-    import dcn_det  # noqa: F401  registers DCNRunner even for configs without custom_imports
-
     if 'runner_type' not in cfg:
         return Runner.from_cfg(cfg)
     return RUNNERS.build(cfg)

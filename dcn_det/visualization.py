@@ -285,8 +285,6 @@ def build_detector(cfg) -> nn.Module:
 
     from mmdet.apis import init_detector
 
-    import dcn_det  # noqa: F401  registers DCNResNet even for configs without custom_imports
-
     cfg.model.backbone.init_cfg = None
     # record=True swallows init_detector's "checkpoint is None, use COCO classes": the weights come later
     with warnings.catch_warnings(record=True):
