@@ -1,6 +1,6 @@
 """Accuracy on the shapes data: plain vs DCN variants, same schedule, several seeds -> bbox mAP mean ± std.
 
-    .venv/bin/python benchmarks/bench_accuracy.py [--variants plain dcnv2] [--seeds 0 1 2] [--epochs 12]
+    .venv/bin/python benchmarks/bench_accuracy.py [--variants plain dcnv2] [--seeds 0 1 2] [--epochs 6]
 
 Trains configs/shapes_r18_<variant>.py with tools/train.py for each seed (model init and data order;
 the data set is the same: data/shapes, generated with seed 0 if absent) and evaluates the final
@@ -27,7 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--variants', nargs='+', default=['plain', 'mdconv', 'mdpool', 'dcnv2'])
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
-    parser.add_argument('--epochs', type=int, default=12)
+    parser.add_argument('--epochs', type=int, default=6, help='the demo schedule by default')
     parser.add_argument('--data', default='data/shapes')
     parser.add_argument('--out', default=osp.join(REPO, 'work_dirs', 'bench', 'accuracy.json'))
     args = parser.parse_args()
