@@ -50,6 +50,22 @@ def load_checkpoint_file(path: str, *, trust: bool = False, map_location: Any = 
         raise CheckpointLoadError(f'{path!r} is not a PyTorch checkpoint ({type(e).__name__}: {e})') from None
 
 
+def state_dict_differences(own: dict, state_dict: dict) -> dict:
+    """``{'missing keys': [...], 'unexpected keys': [...], 'shape mismatches': [...]}`` of
+    ``state_dict`` against a model's own state dict ``own``, each list sorted."""
+    return {
+        'missing keys': sorted(set(own) - set(state_dict)),
+        'unexpected keys': sorted(set(state_dict) - set(own)),
+        'shape mismatches': sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape),
+    }
+
+
+def describe_differences(differences: dict) -> str:
+    """One line naming how many keys differ and the first few of each kind."""
+    return '; '.join(f"{len(keys)} {name} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                     for name, keys in differences.items() if keys)
+
+
 def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str) -> None:
     """``model.load_state_dict(state_dict, strict=True)``, a mismatch told in one line.
 
@@ -57,16 +73,10 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str
         CheckpointLoadError: the keys or shapes differ; the message names them (``source`` names
             the file), as a checkpoint of another model or config would.
     """
-    own = model.state_dict()
-    problems = {
-        'missing keys': sorted(set(own) - set(state_dict)),
-        'unexpected keys': sorted(set(state_dict) - set(own)),
-        'shape mismatches': sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape),
-    }
-    if any(problems.values()):
-        raise CheckpointLoadError(f"{source} does not belong to this config's model: " + '; '.join(
-            f"{len(keys)} {name} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-            for name, keys in problems.items() if keys))
+    differences = state_dict_differences(model.state_dict(), state_dict)
+    if any(differences.values()):
+        raise CheckpointLoadError(f"{source} does not belong to this config's model: "
+                                  + describe_differences(differences))
     model.load_state_dict(state_dict, strict=True)
 
 

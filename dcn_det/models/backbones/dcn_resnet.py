@@ -9,7 +9,7 @@ from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from mmdet.registry import MODELS
 from mmengine.logging import print_log
 
-from dcn_det.checkpoint import load_checkpoint_file
+from dcn_det.checkpoint import describe_differences, load_checkpoint_file, state_dict_differences
 from dcn_det.ops import DeformConv2dPack, ModulatedDeformConv2dPack
 
 # mmdet's names and ours, so an mmdet `dcn=dict(type='DCNv2', ...)` config keeps working.
@@ -170,18 +170,12 @@ class DCNResNet(ResNet):
             if not state:
                 raise KeyError(f'no key of {path!r} starts with prefix {prefix!r}')
         state = {k: v for k, v in state.items() if not k.startswith('fc.')}  # torchvision's classifier
-        own = self.state_dict()
-        offsets = [k for k in own if k not in state and '.conv_offset.' in k]
-        problems = {
-            'missing': [k for k in own if k not in state and '.conv_offset.' not in k],
-            'unexpected': [k for k in state if k not in own],
-            'shape mismatch': [k for k in state if k in own and state[k].shape != own[k].shape],
-        }
-        if any(problems.values()):
+        differences = state_dict_differences(self.state_dict(), state)
+        offsets = [k for k in differences['missing keys'] if '.conv_offset.' in k]
+        differences['missing keys'] = [k for k in differences['missing keys'] if '.conv_offset.' not in k]
+        if any(differences.values()):
             raise KeyError(f'{path!r} is not a ResNet-{self.depth} checkpoint for this layout (base_channels='
-                           f'{self.base_channels}): ' + '; '.join(
-                               f'{name} {keys[:3]}{"..." if len(keys) > 3 else ""} ({len(keys)})'
-                               for name, keys in problems.items() if keys))
+                           f'{self.base_channels}): ' + describe_differences(differences))
         self.load_state_dict(state, strict=False)
         layers = sorted({k.rsplit('.conv_offset.', 1)[0] for k in offsets})
         note = (f'; {len(layers)} deformable layers have no offset predictor in it and start from '
