@@ -41,8 +41,8 @@ def plot(summary: dict, path: str) -> None:
     accuracy = summary.get('accuracy', {}).get('variants', {})
     if accuracy:
         names = list(accuracy)
-        axes[1].bar(names, [100 * accuracy[n]['mean'] for n in names],
-                    yerr=[100 * accuracy[n]['std'] for n in names], capsize=4)
+        axes[1].bar(names, [100 * accuracy[n]['mAP']['mean'] for n in names],
+                    yerr=[100 * accuracy[n]['mAP']['std'] for n in names], capsize=4)
         axes[1].set_ylabel('bbox mAP (%)')
         axes[1].set_title(f"shapes val, {summary['accuracy']['epochs']} epochs, "
                           f"{len(summary['accuracy']['seeds'])} seeds")
