@@ -1,16 +1,19 @@
 """Accuracy on the shapes data: plain vs DCN variants, same schedule, several seeds -> bbox mAP mean ± std.
 
     .venv/bin/python benchmarks/bench_accuracy.py [--variants plain mdconv mdpool dcnv2] [--seeds 0 1 2]
-        [--epochs 6] [--jobs 2] [--out work_dirs/bench/accuracy.json] [--plot work_dirs/bench/accuracy.png]
+        [--epochs 6] [--jobs N] [--test-data DIR] [--work-root work_dirs/bench/accuracy]
+        [--out work_dirs/bench/accuracy.json] [--plot work_dirs/bench/accuracy.png]
 
 Trains configs/shapes_r18_<variant>.py with tools/train.py for each seed (the seed sets model init and
 data order; the data set is the same for every run: data/shapes, generated with seed 0 if absent) and
-evaluates the final checkpoint with tools/test.py on the val split (COCO bbox AP, pycocotools).
+evaluates the final checkpoint with tools/test.py on the val split (COCO bbox AP, pycocotools), or on
+the val split of ``--test-data``. ``--epochs`` stretches the demo's schedule, lr drop included.
 
-Runs go seed by seed, variants interleaved, ``--jobs`` at a time, each with ``cores / jobs`` torch
-threads (the thread count is recorded: it changes float summation order, so a run is reproducible
-with the same count). Two one-thread jobs on two cores finish the study in about 0.6 of the time of
-one two-thread job: the native deformable kernels gain less than a dense conv from a second thread.
+Runs go seed by seed, variants interleaved, ``--jobs`` at a time (default: one per core), each with
+``cores / jobs`` torch threads. The thread count is recorded: it changes the float summation order,
+so a run is reproducible with the same count. One run per core is faster than one run using every
+core: on 2 cores one epoch of the DCNv2 demo took 91 s alone with 2 threads, and two side by side
+with 1 thread each 119 s, 0.65 of the time per run (benchmarks/bench_parallel_runs.sh).
 
 Work dirs: <--work-root>/<variant>_s<seed>_e<epochs>. A finished run (its ``result.json``)
 is reused, not retrained; a run killed mid-way resumes from its last checkpoint. The JSON is rewritten
@@ -197,7 +200,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     parser.add_argument('--epochs', type=int, default=6,
                         help='the demo schedule (6) by default; the lr drop moves with it to the last epoch')
-    parser.add_argument('--jobs', type=int, default=1, help='runs at a time, sharing the cores (default 1)')
+    parser.add_argument('--jobs', type=int, help='runs at a time, sharing the cores (default: one per core, '
+                        'at most one per run)')
     parser.add_argument('--data', default='data/shapes', help='trained on its train split (default: %(default)s)')
     parser.add_argument('--test-data', help='tested on its val split (default: --data); e.g. a larger set made '
                         'by tools/make_demo_data.py with another --seed')
@@ -214,6 +218,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for flag, values in (('--variants', args.variants), ('--seeds', args.seeds)):
         if len(set(values)) != len(values):
             parser.error(f'{flag} names a value twice: {values}')
+    todo = plan(args.variants, args.seeds)
+    if args.jobs is None:
+        args.jobs = min(os.cpu_count() or 1, len(todo))
     if args.jobs < 1 or args.epochs < 1:
         parser.error('--jobs and --epochs must be at least 1')
     if args.test_data and not osp.isfile(osp.join(REPO, args.test_data, 'annotations', 'instances_val.json')):
@@ -225,7 +232,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     runs: List[dict] = []
     failed: List[str] = []
-    todo = plan(args.variants, args.seeds)
     print(f'{len(todo)} runs ({args.epochs} epochs each), {args.jobs} at a time, {threads} thread(s) each',
           flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
