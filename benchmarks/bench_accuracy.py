@@ -149,10 +149,16 @@ def run_one(variant: str, seed: int, epochs: int, data: str, threads: int, work_
         metrics = json.load(f)['metrics']
     record = dict(variant=variant, seed=seed, epochs=epochs, threads=threads, minutes=minutes,
                   test_data=test_data, **{k: metrics[v] for k, v in METRICS.items()})
-    with open(result_file + '.tmp', 'w') as f:
-        json.dump(record, f, indent=2)
-    os.replace(result_file + '.tmp', result_file)
+    _dump(record, result_file)
     return record
+
+
+def _dump(obj: dict, path: str) -> None:
+    """Write JSON atomically: a study killed mid-write keeps the previous file."""
+    os.makedirs(osp.dirname(path), exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + '.tmp', path)
 
 
 def write(path: str, args: argparse.Namespace, runs: List[dict], failed: List[str]) -> dict:
@@ -160,10 +166,7 @@ def write(path: str, args: argparse.Namespace, runs: List[dict], failed: List[st
                   jobs=args.jobs,
                   complete=len(runs) == len(args.variants) * len(args.seeds), failed=failed,
                   variants=summarize(sorted(runs, key=lambda r: (args.variants.index(r['variant']), r['seed']))))
-    os.makedirs(osp.dirname(path), exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
-        json.dump(result, f, indent=2)
-    os.replace(path + '.tmp', path)
+    _dump(result, path)
     return result
 
 
