@@ -1,5 +1,4 @@
 """benchmarks/bench_accuracy.py: the statistics the README quotes, run order, reuse of finished runs, bad input."""
-import argparse
 import json
 import math
 import os.path as osp
@@ -96,8 +95,11 @@ def test_bad_arguments_are_refused_before_any_run(argv, message, tmp_path, monke
 
 
 def test_a_run_trains_on_the_stretched_schedule_and_tests_on_the_test_data(tmp_path, monkeypatch):
-    """The options reach the real config: the lr drop follows --epochs (a bare max_epochs would leave it at 5)."""
-    from mmengine.config import Config, DictAction
+    """The options reach the real config through the tools' own parsers: the lr drop follows --epochs
+    (a bare max_epochs would leave it at 5)."""
+    from dcn_det.cli import load_config
+    from tools import test as test_tool
+    from tools import train as train_tool
 
     calls = []
 
@@ -112,19 +114,16 @@ def test_a_run_trains_on_the_stretched_schedule_and_tests_on_the_test_data(tmp_p
     record = bench.run_one('dcnv2', 3, 12, 'data/shapes', 1, str(tmp_path), test_data='data/big_val')
     (train, config, train_args), (test, _, test_args) = calls
     assert (train, test) == ('tools/train.py', 'tools/test.py')
-    assert config == 'configs/shapes_r18_dcnv2.py' and '--resume' in train_args
+    assert config == 'configs/shapes_r18_dcnv2.py'
 
-    def merged(args):
-        options = args[args.index('--cfg-options') + 1:]
-        cfg = Config.fromfile(osp.join(bench.REPO, config))
-        parsed = argparse.ArgumentParser()
-        parsed.add_argument('--cfg-options', nargs='+', action=DictAction)
-        cfg.merge_from_dict(parsed.parse_args(['--cfg-options', *options]).cfg_options)
-        return cfg
+    def merged(tool, args):
+        parsed = tool.parse_args([osp.join(bench.REPO, config), *args])
+        return parsed, load_config(parsed.config, parsed.cfg_options)
 
-    cfg = merged(train_args)
+    parsed, cfg = merged(train_tool, train_args)
+    assert parsed.resume == 'auto'
     assert cfg.randomness.seed == 3 and cfg.train_cfg.max_epochs == 12
     assert cfg.param_scheduler[1].milestones == [11] and cfg.param_scheduler[1].end == 12
-    assert merged(test_args).test_evaluator.ann_file == 'data/big_val/annotations/instances_val.json'
+    assert merged(test_tool, test_args)[1].test_evaluator.ann_file == 'data/big_val/annotations/instances_val.json'
     assert record['mAP'] == 0.5 and record['test_data'] == 'data/big_val'
     assert json.loads((tmp_path / 'dcnv2_s3_e12' / 'result_big_val.json').read_text()) == record
