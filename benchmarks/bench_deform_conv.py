@@ -1,26 +1,29 @@
-"""Speed and memory of one DCNv2 forward+backward per backend, as multiples of a dense 3x3 conv.
+"""Speed and memory of one DCNv2 forward+backward per kernel, as multiples of a dense 3x3 conv.
 
-For each shape (batch 2, 3x3, stride 1, padding 1, C_in = C_out; c3 = 128 channels at 64x64, c4 =
-256 at 32x32, c5 = 512 at 16x16, the ResNet stages of a 512x512 image) it times a forward and a
-backward producing the gradients of input, offset, mask, weight and bias, for F.conv2d (dense, no
-offsets) and for dcn_det's ``deform_conv2d`` with each backend. Runs are interleaved (dense, native,
-mmcv, torchvision, dense, ...) and summarised by medians, so that load from other processes hits all
-of them alike; ratios are to the dense median of the same run (and, as a second figure, fastest run
-to fastest run: on a machine shared with other work the fastest runs are the least disturbed).
+Shapes (3x3, stride 1, padding 1, C_in = C_out): the ResNet-50 stages of a 512x512 image at batch 2
+(c3 = 128 channels at 64x64, c4 = 256 at 32x32, c5 = 512 at 16x16) and the demo's stages (R18 at half
+width, 320x320, batch 4: demo-c3 = 64 at 40x40, demo-c4 = 128 at 20x20, demo-c5 = 256 at 10x10).
+Offsets are Gaussian with a std of 2 px (``--offset-std``), about what trained layers have (zero
+offsets would put every sample on an integer position), masks uniform in [0, 1].
 
-Peak extra memory is the most tensor memory one forward+backward holds at once on top of its inputs
-(output, temporaries and the returned gradients included), after one warm-up call on a 4x4 input:
-on CUDA ``torch.cuda.max_memory_allocated`` minus the allocation before the call; on CPU the running
-sum of the allocations and frees that the PyTorch profiler records (``profile_memory=True``), which
-also sees the tensors mmcv's and torchvision's C++ kernels allocate. (Not the process's resident set,
-which glibc's heap leaves higher and noisier.)
+Each run times a forward and a backward producing the gradients of input, offset, mask, weight and
+bias, for ``F.conv2d`` (dense: oneDNN on CPU, cuDNN on CUDA; no offsets) and for ``deform_conv2d``:
+``native`` (the compiled CPU kernel, or the public path on CUDA), ``native-public`` (the public-API
+fallback), ``mmcv`` and ``torchvision``. Methods are interleaved (dense, native, ..., dense, ...) and
+summarised by medians, so load from other processes hits all alike; ratios are to the dense median of
+the same run and thread count. ``--threads 1,2`` measures each thread count in turn.
 
-    .venv/bin/python benchmarks/bench_deform_conv.py                # c3,c4,c5, 5 repeats
-    .venv/bin/python benchmarks/bench_deform_conv.py --shapes c5 --repeats 11 --no-memory
+Peak extra memory is the most tensor memory one forward+backward holds at once on top of its inputs,
+after one warm-up call: on CUDA ``torch.cuda.max_memory_allocated`` minus the allocation before the
+call; on CPU the running sum of the allocations and frees the PyTorch profiler records.
+
+    .venv/bin/python benchmarks/bench_deform_conv.py --threads 1,2 --repeats 7
+    .venv/bin/python benchmarks/bench_deform_conv.py --shapes demo-c3,demo-c4,demo-c5 --methods dense,native
 """
 import argparse
+import contextlib
 import json
-import platform
+import os.path as osp
 import statistics
 import sys
 import tempfile
@@ -31,19 +34,27 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-SHAPES = {'c3': (128, 64), 'c4': (256, 32), 'c5': (512, 16)}
-METHODS = ('dense', 'native', 'mmcv', 'torchvision')
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from benchmarks._machine import describe, machine  # noqa: E402
+
+# name: (channels, size, batch)
+SHAPES = {'c3': (128, 64, 2), 'c4': (256, 32, 2), 'c5': (512, 16, 2),
+          'demo-c3': (64, 40, 4), 'demo-c4': (128, 20, 4), 'demo-c5': (256, 10, 4)}
+METHODS = ('dense', 'native', 'native-public', 'mmcv', 'torchvision')
+TARGETS = {'c3': 2.5, 'c4': 1.7, 'c5': 1.3, 'demo-c3': 3.0, 'demo-c4': 2.0, 'demo-c5': 1.7}
 
 
-def make_inputs(shape: str, device: str, batch: int = 2, seed: int = 0, size: int = 0) -> dict:
-    channels, size = SHAPES[shape][0], size or SHAPES[shape][1]
+def make_inputs(shape: str, device: str, offset_std: float = 2.0, seed: int = 0, size: int = 0) -> dict:
+    channels, default_size, batch = SHAPES[shape]
+    size = size or default_size
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*s, std=1.0):
         return (torch.randn(*s, generator=gen) * std).to(device).requires_grad_()
 
     return dict(input=randn(batch, channels, size, size),
-                offset=randn(batch, 18, size, size),
+                offset=randn(batch, 18, size, size, std=offset_std),
                 mask=torch.rand(batch, 9, size, size, generator=gen).to(device).requires_grad_(),
                 weight=randn(channels, channels, 3, 3, std=(9 * channels) ** -0.5),
                 bias=randn(channels))
@@ -51,16 +62,18 @@ def make_inputs(shape: str, device: str, batch: int = 2, seed: int = 0, size: in
 
 def step(method: str, t: dict) -> None:
     """One forward+backward of ``method`` on the tensors ``t``; gradients are discarded."""
-    from dcn_det.ops import deform_conv2d
+    from dcn_det.ops import deform_conv2d, use_cpu_kernel
 
     if method == 'dense':
         out = F.conv2d(t['input'], t['weight'], t['bias'], padding=1)
-        inputs = (t['input'], t['weight'], t['bias'])
-    else:
+        torch.autograd.grad(out, (t['input'], t['weight'], t['bias']), torch.ones_like(out))
+        return
+    backend, _, kernel = method.partition('-')
+    on_cpu = backend == 'native' and t['input'].device.type == 'cpu'
+    with use_cpu_kernel(kernel or 'compiled') if on_cpu else contextlib.nullcontext():
         out = deform_conv2d(t['input'], t['offset'], t['weight'], t['bias'], padding=1, mask=t['mask'],
-                            backend=method)
-        inputs = tuple(t.values())
-    torch.autograd.grad(out, inputs, torch.ones_like(out))
+                            backend=backend)
+        torch.autograd.grad(out, tuple(t.values()), torch.ones_like(out))
 
 
 def sync(device: str) -> None:
@@ -68,8 +81,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_shape(shape: str, methods: list, repeats: int, device: str) -> dict:
-    tensors = make_inputs(shape, device)
+def time_shape(shape: str, methods: list, repeats: int, device: str, offset_std: float) -> dict:
+    tensors = make_inputs(shape, device, offset_std)
     for m in methods:  # warm-up: lazy initialisation, allocator, thread pools
         step(m, tensors)
     times = {m: [] for m in methods}
@@ -83,10 +96,10 @@ def time_shape(shape: str, methods: list, repeats: int, device: str) -> dict:
     return times
 
 
-def peak_memory(shape: str, method: str, device: str) -> int:
+def peak_memory(shape: str, method: str, device: str, offset_std: float) -> int:
     """Bytes of tensors one forward+backward allocates beyond its inputs, at their peak."""
-    tensors = make_inputs(shape, device)
-    step(method, make_inputs(shape, device, batch=1, size=4))  # library set-up, not the op's memory
+    tensors = make_inputs(shape, device, offset_std)
+    step(method, make_inputs(shape, device, offset_std, size=4))  # library set-up, not the op's memory
     if device.startswith('cuda'):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -107,89 +120,83 @@ def peak_memory(shape: str, method: str, device: str) -> int:
     return peak
 
 
-def _load_average() -> list:
-    try:
-        with open('/proc/loadavg') as f:
-            return [float(v) for v in f.read().split()[:3]]
-    except OSError:
-        return []
+def _choices(valid):
+    def parse(text: str) -> list:
+        items = text.split(',')
+        unknown = [i for i in items if i not in valid]
+        if unknown:
+            raise argparse.ArgumentTypeError(f'unknown {unknown}: choose from {list(valid)}')
+        return items
+    return parse
 
 
-def device_name(device: str) -> str:
-    if device.startswith('cuda'):
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or 'cpu'
-    try:
-        with open('/proc/cpuinfo') as f:
-            model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    threads = torch.get_num_threads()
-    return f"{model}, {threads} thread{'s' if threads > 1 else ''}"
-
-
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--shapes', default='c3,c4,c5', help=f'comma-separated, from {list(SHAPES)}')
+    parser.add_argument('--shapes', type=_choices(SHAPES), default=list(SHAPES),
+                        help=f'comma-separated, from {list(SHAPES)}')
+    parser.add_argument('--methods', type=_choices(METHODS), default=['dense', 'native', 'native-public'],
+                        help=f'comma-separated, from {list(METHODS)} (dense is always measured)')
     parser.add_argument('--repeats', type=int, default=5, help='timed runs per method (median reported)')
-    parser.add_argument('--methods', default=','.join(METHODS), help=f'comma-separated, from {METHODS}')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--threads', type=int, default=0,
-                        help='CPU threads (torch.set_num_threads); 0 keeps torch\'s default. On a machine '
-                             'whose cores are busy with other work, 1 gives steadier numbers')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--threads', type=_choices([str(i) for i in range(1, 257)]), default=None,
+                        help="CPU thread counts to measure in turn, e.g. '1,2' (default: torch's)")
+    parser.add_argument('--offset-std', type=float, default=2.0, help='std of the offsets in pixels')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
     parser.add_argument('--out', default='work_dirs/bench/deform_conv.json', help='JSON results path')
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.repeats < 1:
+        parser.error('--repeats must be >= 1')
+    if args.device == 'cuda' and 'native-public' in args.methods:
+        args.methods.remove('native-public')  # on CUDA native is the public path already
+    if 'dense' not in args.methods:
+        args.methods.insert(0, 'dense')
+    return args
 
-    shapes = args.shapes.split(',')
-    methods = args.methods.split(',')
-    for name, valid in ((shapes, SHAPES), (methods, METHODS)):
-        unknown = sorted(set(name) - set(valid))
-        if unknown:
-            parser.error(f'unknown {unknown}: choose from {list(valid)}')
-    if 'dense' not in methods:
-        methods.insert(0, 'dense')
-    results = dict(device=device_name(args.device), torch=torch.__version__, repeats=args.repeats,
-                   batch=2, load_average=_load_average(), shapes={})
-    for shape in shapes:
-        times = time_shape(shape, methods, args.repeats, args.device)
-        med = {m: statistics.median(v) for m, v in times.items()}
-        best = {m: min(v) for m, v in times.items()}
-        entry = dict(channels=SHAPES[shape][0], size=SHAPES[shape][1], times_s=times, median_s=med,
-                     ratio_to_dense={m: med[m] / med['dense'] for m in methods},
-                     best_ratio_to_dense={m: best[m] / best['dense'] for m in methods})
-        if not args.no_memory:
-            entry['peak_extra_bytes'] = {m: peak_memory(shape, m, args.device) for m in methods}
-        results['shapes'][shape] = entry
-        print(f'{shape}: ' + ', '.join(f'{m} {med[m] * 1e3:.1f} ms' for m in methods), file=sys.stderr)
 
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    runs = []
+    for threads in [int(t) for t in args.threads] if args.threads else [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        run = dict(machine=machine(args.device), repeats=args.repeats, offset_std=args.offset_std, shapes={})
+        for shape in args.shapes:
+            times = time_shape(shape, args.methods, args.repeats, args.device, args.offset_std)
+            med = {m: statistics.median(v) for m, v in times.items()}
+            channels, size, batch = SHAPES[shape]
+            entry = dict(channels=channels, size=size, batch=batch, times_s=times, median_s=med,
+                         ratio_to_dense={m: med[m] / med['dense'] for m in args.methods}, target=TARGETS[shape])
+            if not args.no_memory:
+                entry['peak_extra_bytes'] = {m: peak_memory(shape, m, args.device, args.offset_std)
+                                             for m in args.methods}
+            run['shapes'][shape] = entry
+            print(f'{threads} thread(s) {shape}: ' + ', '.join(f'{m} {med[m] * 1e3:.1f} ms' for m in args.methods),
+                  file=sys.stderr)
+        runs.append(run)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(markdown(results, methods))
-    print(f'\n(written to {out})')
+    out.write_text(json.dumps(dict(command=' '.join(sys.argv), runs=runs), indent=1))
+    for run in runs:
+        print(markdown(run, args.methods) + '\n')
+    print(f'(written to {out})')
     return 0
 
 
-def markdown(results: dict, methods: list) -> str:
-    lines = [f"DCNv2 forward+backward, batch {results['batch']}, 3x3 s1 p1, {results['device']}, "
-             f"torch {results['torch']}, median of {results['repeats']}, load average before "
-             f"{results['load_average'][:1]}; time as a multiple of dense (dense in ms; ratio of medians, "
-             f"and of the fastest runs, which other load disturbs least), peak extra memory in MiB",
+def markdown(run: dict, methods: list) -> str:
+    lines = [f"DCNv2 forward+backward, 3x3 s1 p1, offsets std {run['offset_std']} px, {describe(run['machine'])}, "
+             f"median of {run['repeats']}, load average before {run['machine']['load_average'][:1]}: time as a "
+             f"multiple of dense (dense in ms), peak extra memory in MiB",
              '',
-             '| shape | ' + ' | '.join(methods) + ' |',
-             '|---|' + '---|' * len(methods)]
-    for shape, e in results['shapes'].items():
+             '| shape | ' + ' | '.join(methods) + ' | target |',
+             '|---|' + '---|' * (len(methods) + 1)]
+    for shape, e in run['shapes'].items():
         cells = []
         for m in methods:
-            cell = f"{e['median_s'][m] * 1e3:.0f} ms" if m == 'dense' else \
-                f"{e['ratio_to_dense'][m]:.2f}x (best {e['best_ratio_to_dense'][m]:.2f}x)"
+            cell = f"{e['median_s'][m] * 1e3:.1f} ms" if m == 'dense' else f"{e['ratio_to_dense'][m]:.2f}x"
             if 'peak_extra_bytes' in e:
                 cell += f" / {e['peak_extra_bytes'][m] / 2**20:.0f} MiB"
             cells.append(cell)
-        lines.append(f"| {shape} ({e['channels']}ch@{e['size']}²) | " + ' | '.join(cells) + ' |')
+        lines.append(f"| {shape} ({e['batch']}x{e['channels']}ch@{e['size']}²) | " + ' | '.join(cells)
+                     + f" | ≤ {e['target']}x |")
     return '\n'.join(lines)
 
 

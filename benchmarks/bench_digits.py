@@ -13,7 +13,7 @@ same for every variant and seed.
 Model: four 3x3 conv-BN-ReLU layers (16, 32, 64, 64 channels; 2x2 max-pool after the first two),
 global average pooling and one linear layer, so that no weight is tied to a position. The variants
 differ only in the last ``--deform-layers`` convs: ``nn.Conv2d`` (regular),
-``dcn_det.ops.DeformConv2dPack`` (DCNv1) or ``dcn_det.ops.ModulatedDeformConv2dPack`` (DCNv2), all
+``dcn_det.models.DeformConv2dPack`` (DCNv1) or ``dcn_det.models.ModulatedDeformConv2dPack`` (DCNv2), all
 without bias (BN follows). Paired runs: for one seed every variant starts from the same conv, BN and
 linear weights (the offset predictors are zero-initialised, so DCNv1 starts as the regular net and
 DCNv2 as the regular net with those layers halved), sees the same training images in the same order,
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from scaled_digits import load_digit_images, render_scaled, split_indices
 from torch import Tensor, nn
 
-from dcn_det.ops import DeformConv2dPack, ModulatedDeformConv2dPack
+from dcn_det.models import DeformConv2dPack, ModulatedDeformConv2dPack
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 VARIANTS = ('regular', 'dcnv1', 'dcnv2')
@@ -309,7 +309,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument('--epochs', type=int, default=12)
     parser.add_argument('--quick', action='store_true', help='smoke run: 1 seed, 4 epochs, 1 test copy')
     parser.add_argument('--variants', nargs='+', choices=VARIANTS + CONTROLS, default=list(VARIANTS))
-    parser.add_argument('--deform-layers', type=int, default=2, help='how many of the 4 convs, from the top')
+    parser.add_argument('--deform-layers', type=int, choices=range(len(CHANNELS) + 1), default=2,
+                        help=f'how many of the {len(CHANNELS)} convs, from the top')
     parser.add_argument('--scale-range', nargs=2, type=float, default=(0.5, 2.0), metavar=('LO', 'HI'))
     parser.add_argument('--train-scale-range', nargs=2, type=float, metavar=('LO', 'HI'),
                         help='train at other scales than the test set (default: --scale-range)')

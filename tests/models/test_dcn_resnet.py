@@ -3,8 +3,7 @@ import torch
 from mmdet.models.backbones import ResNet
 from torch import nn
 
-from dcn_det.models import DCNResNet
-from dcn_det.ops import DeformConv2dPack, ModulatedDeformConv2dPack
+from dcn_det.models import DCNResNet, DeformConv2dPack, ModulatedDeformConv2dPack
 
 
 def _randomise_offsets(model, scale=0.3):

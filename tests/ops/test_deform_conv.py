@@ -1,6 +1,5 @@
-"""Tests of dcn_det.ops.deform_conv2d (native / mmcv / torchvision backends) and the pack modules."""
+"""Tests of dcn_det.ops.deform_conv2d (native on both CPU kernels / mmcv / torchvision) and the conv packs."""
 import functools
-import math
 
 import mmcv.ops
 import pytest
@@ -9,95 +8,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.optim import build_optim_wrapper
 
-from dcn_det.ops import BACKENDS, DeformConv2dPack, ModulatedDeformConv2dPack, deform_conv2d
-from dcn_det.ops import deform_conv as dc
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-MMCV_CUDA = mmcv.ops.get_compiling_cuda_version() != 'not available'
-
-
-# ------------------------------------------------------------------------------------------------
-# slow, obviously correct reference (mmcv semantics), float64, differentiable with corners held fixed
-
-
-def _bilinear(img, h, w):
-    """Sample img (C, H, W) at (h, w) as mmcv's dmcn_im2col_bilinear, zero outside -1 < h < H etc."""
-    height, width = img.shape[1:]
-    hf, wf = float(h.detach()), float(w.detach())
-    if not (-1 < hf < height and -1 < wf < width):
-        return img.new_zeros(img.shape[0])
-    y0, x0 = math.floor(hf), math.floor(wf)
-    ly, lx = h - y0, w - x0
-    val = img.new_zeros(img.shape[0])
-    for y, x, wt in ((y0, x0, (1 - ly) * (1 - lx)), (y0, x0 + 1, (1 - ly) * lx),
-                     (y0 + 1, x0, ly * (1 - lx)), (y0 + 1, x0 + 1, ly * lx)):
-        if 0 <= y < height and 0 <= x < width:
-            val = val + wt * img[:, y, x]
-    return val
-
-
-def reference(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None):
-    """Deformable conv by explicit loops over every sample, as mmcv's im2col + matmul."""
-    n, c, _, _ = input.shape
-    c_out, cg, kh, kw = weight.shape
-    (sh, sw), (ph, pw), (dh, dw) = (nn.modules.utils._pair(v) for v in (stride, padding, dilation))
-    groups, k = c // cg, kh * kw
-    dg = offset.shape[1] // (2 * k)
-    cd = c // dg
-    h_out, w_out = offset.shape[2:]
-
-    def sample(b, g, kk, y, x):  # (cd,) values of offset group g, kernel point kk, output (y, x)
-        i, j = divmod(kk, kw)
-        h = y * sh - ph + i * dh + offset[b, 2 * (g * k + kk), y, x]
-        w = x * sw - pw + j * dw + offset[b, 2 * (g * k + kk) + 1, y, x]
-        v = _bilinear(input[b, g * cd:(g + 1) * cd], h, w)
-        return v if mask is None else v * mask[b, g * k + kk, y, x]
-
-    cols = torch.stack([  # (N, C, K, H_out, W_out)
-        torch.cat([
-            torch.stack([
-                torch.stack([torch.stack([sample(b, g, kk, y, x) for x in range(w_out)], -1)
-                             for y in range(h_out)], -2)
-                for kk in range(k)], 1)
-            for g in range(dg)], 0)
-        for b in range(n)])
-    og = c_out // groups
-    out = torch.cat([torch.einsum('ock,nckyx->noyx', weight[gi * og:(gi + 1) * og].reshape(og, cg, k),
-                                  cols[:, gi * cg:(gi + 1) * cg]) for gi in range(groups)], 1)
-    return out if bias is None else out + bias.view(1, -1, 1, 1)
-
-
-def make_inputs(n=2, c=4, h=6, w=5, c_out=3, kernel=(3, 3), groups=1, offset_groups=1, stride=1,
-                padding=1, dilation=1, modulated=True, scale=2.5, dtype=torch.float64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    kh, kw = kernel
-    (sh, sw), (ph, pw), (dh, dw) = (nn.modules.utils._pair(v) for v in (stride, padding, dilation))
-    h_out = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    w_out = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    x = torch.randn(n, c, h, w, generator=gen, dtype=dtype)
-    offset = torch.randn(n, 2 * offset_groups * kh * kw, h_out, w_out, generator=gen, dtype=dtype) * scale
-    mask = torch.rand(n, offset_groups * kh * kw, h_out, w_out, generator=gen, dtype=dtype) \
-        if modulated else None
-    weight = torch.randn(c_out, c // groups, kh, kw, generator=gen, dtype=dtype)
-    bias = torch.randn(c_out, generator=gen, dtype=dtype)
-    return dict(input=x, offset=offset, weight=weight, bias=bias, stride=stride, padding=padding,
-                dilation=dilation, mask=mask)
-
-
-TENSORS = ('input', 'offset', 'mask', 'weight', 'bias')
-
-
-def forward_backward(fn, args, grad_seed=1):
-    """Run fn on leaf views of args (same storage and strides); return the output and the gradients."""
-    args = {k: (v.detach().requires_grad_() if isinstance(v, torch.Tensor) else v)  # keeps strides
-            for k, v in args.items()}
-    out = fn(**args)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype)
-    out.backward(grad.to(out.device))
-    return out.detach(), {k: args[k].grad for k in TENSORS if args.get(k) is not None}
-
+from dcn_det.models import DeformConv2dPack, ModulatedDeformConv2dPack
+from dcn_det.ops import BACKENDS, deform_conv2d, use_cpu_kernel
+from dcn_det.ops import conv as dc
+from dcn_det.ops.kernels import conv_native, conv_public, extension
+from tests.ops._reference import TENSORS, forward_backward, make_inputs
+from tests.ops._reference import conv_reference as reference
 
 native = functools.partial(deform_conv2d, backend='native')
+
+
+@pytest.fixture(params=conv_native.CPU_KERNELS)
+def kernel(request):
+    """Run the test on each CPU kernel of the native backend: the compiled one and the public-API one."""
+    if request.param == 'compiled' and extension.load() is None:
+        pytest.fail('the compiled CPU kernels are not built: run `make setup`')
+    with use_cpu_kernel(request.param):
+        yield request.param
 
 
 CONFIGS = {
@@ -111,7 +38,7 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize('name', CONFIGS)
-def test_native_matches_reference_forward_and_gradients(name):
+def test_native_matches_reference_forward_and_gradients(name, kernel):
     # offsets of scale 2.5 put many samples outside the image and across its borders
     args = make_inputs(**CONFIGS[name])
     out_ref, grads_ref = forward_backward(reference, args)
@@ -146,7 +73,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_gradcheck_native_modulated(one_thread):
+def test_gradcheck_native_modulated(one_thread, kernel):
     args = make_inputs(n=2, c=2, h=4, w=4, c_out=2, scale=1.3, seed=3)
     tensors = [args[k].requires_grad_() for k in TENSORS]
 
@@ -156,7 +83,7 @@ def test_gradcheck_native_modulated(one_thread):
     assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-6)
 
 
-def test_gradcheck_native_groups_v1(one_thread):
+def test_gradcheck_native_groups_v1(one_thread, kernel):
     args = make_inputs(n=1, c=4, h=4, w=3, c_out=2, groups=2, offset_groups=2, stride=2,
                        modulated=False, scale=1.3, seed=4)
 
@@ -181,7 +108,7 @@ GOLDEN = torch.tensor([[30.00, 41.25, 48.75, 45.00, 28.75],
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
-def test_golden_forward(backend):
+def test_golden_forward(backend, kernel):
     x = torch.arange(25.).view(1, 1, 5, 5)
     offset = torch.full((1, 18, 5, 5), 0.5)
     weight = torch.ones(1, 1, 3, 3)
@@ -219,7 +146,7 @@ def _golden_offset_grad(backend, mask):
 @pytest.mark.parametrize('backend,expected', [('native', GOLDEN_GRAD_MMCV), ('mmcv', GOLDEN_GRAD_MMCV),
                                               ('torchvision', GOLDEN_GRAD_TORCHVISION)])
 @pytest.mark.parametrize('modulated', [False, True])
-def test_golden_offset_gradient_at_zero_offset(backend, expected, modulated):
+def test_golden_offset_gradient_at_zero_offset(backend, expected, modulated, kernel):
     mask = torch.full((1, 9, 3, 3), 0.5) if modulated else None
     grad = _golden_offset_grad(backend, mask)
     scale = 0.5 if modulated else 1.0
@@ -237,7 +164,7 @@ def _edge_inputs(seed=0):
 
 
 @pytest.mark.parametrize('modulated', [False, True])
-def test_edge_samples_native_and_mmcv_match_reference(modulated):
+def test_edge_samples_native_and_mmcv_match_reference(modulated, kernel):
     args = _edge_inputs()
     if not modulated:
         args['mask'] = None
@@ -269,7 +196,7 @@ def test_edge_samples_torchvision_differs_only_on_minus_one():
 
 
 @pytest.mark.parametrize('modulated', [False, True])
-def test_native_equals_mmcv_gradients_at_zero_offsets(modulated):
+def test_native_equals_mmcv_gradients_at_zero_offsets(modulated, kernel):
     # the initial state of every DCN layer: all samples on integer positions
     args = make_inputs(n=2, c=8, h=7, w=6, c_out=4, modulated=modulated, dtype=torch.float32)
     args['offset'] = torch.zeros_like(args['offset'])
@@ -287,7 +214,7 @@ def test_native_equals_mmcv_gradients_at_zero_offsets(modulated):
 
 
 @pytest.mark.parametrize('name', ['v2', 'v1', 'groups2_offset_groups2', 'stride2_dilation2_kernel3x2'])
-def test_backends_agree_on_cpu(name):
+def test_backends_agree_on_cpu(name, kernel):
     args = make_inputs(**dict(CONFIGS[name], n=3), dtype=torch.float32)  # batch 3: mmcv v1 im2col step
     out_n, g_n = forward_backward(native, args)
     out_m, g_m = forward_backward(functools.partial(deform_conv2d, backend='mmcv'), args)
@@ -300,14 +227,14 @@ def test_backends_agree_on_cpu(name):
 
 @pytest.mark.parametrize('mmcv_cuda,expected', [(True, 'mmcv'), (False, 'torchvision')])
 def test_auto_backend(monkeypatch, mmcv_cuda, expected):
-    assert dc._resolve_backend('auto', torch.device('cpu')) == 'native'
-    assert dc._resolve_backend('torchvision', torch.device('cpu')) == 'torchvision'
-    monkeypatch.setattr(dc, '_mmcv_has_cuda', lambda: mmcv_cuda)
-    assert dc._resolve_backend('auto', torch.device('cuda')) == expected
+    assert dc.resolve_backend('auto', torch.device('cpu')) == 'native'
+    assert dc.resolve_backend('torchvision', torch.device('cpu')) == 'torchvision'
+    monkeypatch.setattr(dc, 'mmcv_has_cuda', lambda: mmcv_cuda)
+    assert dc.resolve_backend('auto', torch.device('cuda')) == expected
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
-def test_batch_zero(backend):
+def test_batch_zero(backend, kernel):
     args = make_inputs(n=0, dtype=torch.float32)
     out, grads = forward_backward(functools.partial(deform_conv2d, backend=backend), args)
     assert out.shape == (0, 3, 6, 5)
@@ -315,7 +242,7 @@ def test_batch_zero(backend):
     assert torch.equal(grads['weight'], torch.zeros(3, 4, 3, 3))
 
 
-def test_non_contiguous_and_channels_last_inputs():
+def test_non_contiguous_and_channels_last_inputs(kernel):
     args = make_inputs(dtype=torch.float32)
     out, grads = forward_backward(native, args)
     # same values through transposed storage and a channels-last input
@@ -332,7 +259,7 @@ def test_non_contiguous_and_channels_last_inputs():
 
 
 @pytest.mark.parametrize('wanted', [('offset',), ('input', 'mask'), ('weight',), ('bias',)])
-def test_native_computes_only_the_gradients_asked_for(wanted):
+def test_native_computes_only_the_gradients_asked_for(wanted, kernel):
     args = make_inputs()
     _, full = forward_backward(native, args)
     leaves = {k: (v.detach().requires_grad_(k in wanted) if isinstance(v, torch.Tensor) else v)
@@ -344,48 +271,37 @@ def test_native_computes_only_the_gradients_asked_for(wanted):
         torch.testing.assert_close(g, full[k], msg=k)
 
 
-@pytest.mark.skipif(not dc._ONEDNN, reason='torch built without oneDNN')
-def test_onednn_and_mm_matmuls_agree(monkeypatch):
-    args = make_inputs(n=2, c=8, h=6, w=5, c_out=6, dtype=torch.float32)
-    monkeypatch.setattr(dc, '_ONEDNN_MIN_ROWS', 10**9)
-    out_mm, grads_mm = forward_backward(native, args)
-    monkeypatch.setattr(dc, '_ONEDNN_MIN_ROWS', 1)
-    out_dnn, grads_dnn = forward_backward(native, args)
-    torch.testing.assert_close(out_dnn, out_mm)
-    for k in grads_mm:
-        torch.testing.assert_close(grads_dnn[k], grads_mm[k], msg=k)
-
-
 @pytest.mark.parametrize('rows_per_chunk', [1, 4])
-def test_chunked_equals_unchunked(monkeypatch, rows_per_chunk):
+def test_chunked_equals_unchunked(monkeypatch, rows_per_chunk, kernel):
     # 6 output rows per image: chunks of 4 rows straddle the two images, chunks of 1 split them
     args = make_inputs(n=2, c=4, h=6, w=5, offset_groups=2)
     out, grads = forward_backward(native, args)
     row_bytes = 5 * 9 * 4 * 8  # W_out * K * C * float64
-    monkeypatch.setattr(dc, '_CHUNK_BYTES', rows_per_chunk * row_bytes)
+    monkeypatch.setattr(conv_native, 'CHUNK_BYTES', rows_per_chunk * row_bytes)
     out_c, grads_c = forward_backward(native, args)
     torch.testing.assert_close(out_c, out, rtol=1e-12, atol=1e-12)
     for k in grads:
         torch.testing.assert_close(grads_c[k], grads[k], rtol=1e-12, atol=1e-12, msg=k)
 
 
-def test_chunk_size_is_bounded(monkeypatch):
+def test_public_kernel_chunk_size_is_bounded(monkeypatch):
     calls = []
-    real = dc._embedding_bag
+    real = conv_public._gather
 
     def spy(table, idx, psw):
         calls.append(idx.shape[0])
         return real(table, idx, psw)
 
-    monkeypatch.setattr(dc, '_embedding_bag', spy)
-    monkeypatch.setattr(dc, '_CHUNK_BYTES', 2 * 5 * 9 * 4 * 8)
-    native(**make_inputs(n=2, c=4, h=6, w=5))
+    monkeypatch.setattr(conv_public, '_gather', spy)
+    monkeypatch.setattr(conv_native, 'CHUNK_BYTES', 2 * 5 * 9 * 4 * 8)
+    with use_cpu_kernel('public'):
+        native(**make_inputs(n=2, c=4, h=6, w=5))
     assert calls == [2 * 5 * 9] * 6  # 12 output rows in chunks of 2 rows x 5 columns x 9 samples
 
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize('backend', BACKENDS)
-def test_low_precision_inputs(dtype, backend):
+def test_low_precision_inputs(dtype, backend, kernel):
     args = make_inputs(dtype=torch.float32, scale=1.0)
     low = {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
     out, grads = forward_backward(functools.partial(deform_conv2d, backend=backend), low)
@@ -529,6 +445,9 @@ BAD = {
     'float stride': (dict(stride=1.5), TypeError, r'stride must be an int or a pair of ints, got 1\.5'),
     'device mismatch': (dict(offset=torch.zeros(2, 18, 8, 8, device='meta')), ValueError,
                         'offset is on meta but input is on cpu'),
+    'weight dtype': (dict(weight=torch.zeros(4, 4, 3, 3, dtype=torch.float64)), TypeError,
+                     r'weight is torch.float64 but input is torch.float32: all tensors must have one dtype'),
+    'mask dtype': (dict(mask=torch.zeros(2, 9, 8, 8, dtype=torch.float16)), TypeError, 'mask is torch.float16'),
     'unknown backend': (dict(backend='cuda'), ValueError,
                         r"backend must be one of \('auto', 'native', 'mmcv', 'torchvision'\), got 'cuda'"),
 }
@@ -551,44 +470,6 @@ def test_good_arguments_pass():
 def test_pack_rejects_unknown_backend():
     with pytest.raises(ValueError, match='backend must be one of'):
         ModulatedDeformConv2dPack(4, 4, 3, backend='fast')
-
-
-# ------------------------------------------------------------------------------------------------
-# CUDA
-
-
-@pytest.mark.cuda
-@cuda
-@pytest.mark.parametrize('modulated', [False, True])
-def test_cuda_backends_agree(modulated):
-    args = make_inputs(n=3, c=8, h=9, w=7, c_out=6, offset_groups=2, modulated=modulated,
-                       dtype=torch.float32)
-    args = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
-    out_cpu, g_cpu = forward_backward(native, {k: (v.cpu() if isinstance(v, torch.Tensor) else v)
-                                               for k, v in args.items()})
-    backends = ['native', 'torchvision'] + (['mmcv'] if MMCV_CUDA else [])
-    for backend in backends:
-        out, grads = forward_backward(functools.partial(deform_conv2d, backend=backend), args)
-        assert out.is_cuda
-        torch.testing.assert_close(out.cpu(), out_cpu, rtol=1e-4, atol=1e-4, msg=backend)
-        for k in ('input', 'weight', 'bias', 'mask'):
-            if k in grads:
-                torch.testing.assert_close(grads[k].cpu(), g_cpu[k], rtol=1e-3, atol=1e-3,
-                                           msg=f'{backend} {k}')
-        if backend != 'torchvision':  # torchvision's offset gradient differs on -1 (module docstring)
-            torch.testing.assert_close(grads['offset'].cpu(), g_cpu['offset'], rtol=1e-3, atol=1e-3,
-                                       msg=backend)
-
-
-@pytest.mark.cuda
-@cuda
-def test_cuda_pack_half():
-    layer = ModulatedDeformConv2dPack(4, 4, 3, padding=1).cuda()
-    x = torch.randn(2, 4, 8, 8, device='cuda')
-    with torch.autocast('cuda', dtype=torch.float16):
-        out = layer(x)
-    out.float().sum().backward()
-    torch.testing.assert_close(out.float(), layer(x), rtol=1e-2, atol=1e-2)
 
 
 def test_loading_a_checkpoint_logs_nothing_per_layer(monkeypatch):

@@ -1,8 +1,6 @@
 """Deformable RoI pooling against a slow float64 reference with mmcv's kernel rules, a hand-checkable
 golden case, torchvision's aligned RoIAlign, gradcheck, and (on CUDA) mmcv's compiled kernel."""
 import collections
-import importlib
-import math
 
 import pytest
 import torch
@@ -10,98 +8,10 @@ from torch.autograd import gradcheck
 from torchvision.ops import roi_align
 
 from dcn_det.ops import DeformRoIPool, ModulatedDeformRoIPool, deform_roi_pool
-
-drp = importlib.import_module('dcn_det.ops.deform_roi_pool')  # the package's deform_roi_pool is the function
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-
-
-# ----------------------------------------------------------------------------------------------
-# slow reference: mmcv's deform_roi_pool_forward_cuda_kernel and bilinear_interpolate, as loops
-
-
-def _bilinear(feat, y, x, stats):
-    """mmcv's bilinear_interpolate at (y, x) of feat [C, H, W]; stats counts the edge cases hit: off
-    the map, and in the strips [-1, 0] and [H - 1, H] (or W) where a coordinate is clamped."""
-    h, w = feat.shape[1:]
-    if y < -1.0 or y > h or x < -1.0 or x > w:
-        stats['outside'] += 1
-        return feat.new_zeros(feat.shape[0])
-    stats['low strip'] += y <= 0 or x <= 0
-    stats['high strip'] += y >= h - 1 or x >= w - 1
-    y, x = max(y, 0.0), max(x, 0.0)
-    y_low, x_low = int(y), int(x)
-    if y_low >= h - 1:
-        y_high = y_low = h - 1
-        y = float(y_low)
-    else:
-        y_high = y_low + 1
-    if x_low >= w - 1:
-        x_high = x_low = w - 1
-        x = float(x_low)
-    else:
-        x_high = x_low + 1
-    ly, lx = y - y_low, x - x_low
-    hy, hx = 1 - ly, 1 - lx
-    return (hy * hx * feat[:, y_low, x_low] + hy * lx * feat[:, y_low, x_high]
-            + ly * hx * feat[:, y_high, x_low] + ly * lx * feat[:, y_high, x_high])
-
-
-EDGES = ('outside', 'low strip', 'high strip')
-
-
-def reference(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, stats=None):
-    stats = collections.Counter() if stats is None else stats
-    ph, pw = output_size
-    input = input.double()
-    out = input.new_zeros(rois.shape[0], input.shape[1], ph, pw)
-    for k, (b, x1, y1, x2, y2) in enumerate(rois.double().tolist()):
-        x1, y1 = x1 * spatial_scale - 0.5, y1 * spatial_scale - 0.5
-        x2, y2 = x2 * spatial_scale - 0.5, y2 * spatial_scale - 0.5
-        rw, rh = x2 - x1, y2 - y1
-        bw, bh = rw / pw, rh / ph
-        gh = sampling_ratio if sampling_ratio > 0 else math.ceil(rh / ph)
-        gw = sampling_ratio if sampling_ratio > 0 else math.ceil(rw / pw)
-        count = max(gh * gw, 1)
-        for i in range(ph):
-            for j in range(pw):
-                sx, sy = x1, y1
-                if offset is not None:
-                    sx += gamma * rw * float(offset[k, 0, i, j])
-                    sy += gamma * rh * float(offset[k, 1, i, j])
-                for iy in range(gh):
-                    y = sy + i * bh + (iy + 0.5) * bh / gh
-                    for ix in range(gw):
-                        x = sx + j * bw + (ix + 0.5) * bw / gw
-                        out[k, :, i, j] += _bilinear(input[int(b)], y, x, stats)
-                out[k, :, i, j] /= count
-    return out
-
-
-def torchvision_safe(rois):
-    """Drop RoIs with x2 < x1: torchvision's CPU roi_align sizes a buffer by the (then negative)
-    adaptive grid and fails with 'cannot create std::vector larger than max_size()'."""
-    return rois[rois[:, 3] >= rois[:, 1]]
-
-
-def random_case(seed, n=3, c=3, h=9, w=11, k=7, output_size=(3, 2), spatial_scale=0.25,
-                dtype=torch.float64, offset_scale=3.0):
-    """RoIs in image coordinates of a (4h x 4w) image, some partly outside it, one much larger than
-    the map, one at the top-left corner, one with x2 < x1, none on image 1; offsets that push samples
-    off the map."""
-    g = torch.Generator().manual_seed(seed)
-    img_h, img_w = h / spatial_scale, w / spatial_scale
-    xy1 = torch.rand(k, 2, generator=g) * torch.tensor([img_w, img_h]) * 1.1 - 4
-    wh = torch.rand(k, 2, generator=g) * torch.tensor([img_w, img_h]) * 0.7 + 2
-    wh[0] = torch.tensor([img_w, img_h]) * 2.5
-    xy1[1], wh[1] = -2.0, 6.0  # starts at -1 on the map: samples in the clamped strip [-1, 0]
-    batch = torch.tensor([0, 2] * k)[:k, None].to(dtype)
-    rois = torch.cat([batch, xy1, xy1 + wh], 1).to(dtype)
-    rois[2, [1, 3]] = rois[2, [3, 1]]  # x2 < x1: no samples when adaptive, mirrored ones otherwise
-    input = torch.randn(n, c, h, w, generator=g, dtype=dtype)
-    offset = ((torch.rand(k, 2, *output_size, generator=g, dtype=dtype) - 0.5) * 2 * offset_scale)
-    return input, rois, offset
-
+from dcn_det.ops._common import memory_format
+from dcn_det.ops.kernels import roi_pool_native as rpn
+from tests.ops._reference import EDGES, random_case, torchvision_safe
+from tests.ops._reference import roi_reference as reference
 
 # ----------------------------------------------------------------------------------------------
 # values
@@ -212,7 +122,7 @@ def test_non_contiguous_inputs():
         out = deform_roi_pool(x, torch.cat([rois, rois], 1)[:, :5], off, (3, 2), 0.25)
         torch.testing.assert_close(out, expected)
         grad, = torch.autograd.grad(out, x, torch.ones_like(out))
-        assert grad.stride() == x.contiguous(memory_format=drp._memory_format(x)).stride()
+        assert grad.stride() == x.contiguous(memory_format=memory_format(x)).stride()
 
 
 def test_chunked_equals_unchunked(monkeypatch):
@@ -220,12 +130,12 @@ def test_chunked_equals_unchunked(monkeypatch):
     input.requires_grad_(True)
     offset.requires_grad_(True)
     results = []
-    for entries in (drp._CHUNK_ENTRIES, 40):  # 40 entries: chunks of one or two RoIs
-        monkeypatch.setattr(drp, '_CHUNK_ENTRIES', entries)
+    for entries in (rpn.CHUNK_ENTRIES, 40):  # 40 entries: chunks of one or two RoIs
+        monkeypatch.setattr(rpn, 'CHUNK_ENTRIES', entries)
         out = deform_roi_pool(input, rois, offset, (3, 2), 0.25)
         grads = torch.autograd.grad(out, (input, offset), torch.arange(out.numel()).view_as(out).double())
         results.append((out, *grads))
-    assert len(drp._plan(rois, offset.detach(), drp._Params(3, 2, 0.25, 0, 0.1), 3, 9, 11)) >= 7
+    assert len(rpn._plan(rois, offset.detach(), rpn.Params(3, 2, 0.25, 0, 0.1), 3, 9, 11)) >= 7
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b)
 
@@ -316,24 +226,30 @@ def _call(**overrides):
 
 
 @pytest.mark.parametrize('overrides, error, match', [
-    (dict(input=torch.zeros(3, 8, 8)), ValueError, r'input must be a 4D tensor \[N, C, H, W\]'),
+    (dict(input=torch.zeros(3, 8, 8)), ValueError, r'input must be a 4D tensor, got shape \(3, 8, 8\)'),
     (dict(input=torch.zeros(2, 3, 8, 8, dtype=torch.long)), TypeError, 'input must be a floating'),
     (dict(rois=torch.zeros(1, 4)), ValueError, r'rois must have shape \[K, 5\] \(batch_index'),
-    (dict(rois=torch.zeros(5)), ValueError, r'rois must have shape \[K, 5\]'),
+    (dict(rois=torch.zeros(5)), ValueError, r'rois must be a 2D tensor'),
+    (dict(rois=torch.tensor([[0.5, 1., 1, 9, 9]])), ValueError, r'rois\[:, 0\] must be integer batch indices'),
+    (dict(rois=torch.tensor([[0, 1., 1, 9, 9]], dtype=torch.float16)), TypeError,
+     r'rois must be float32, float64 or the dtype of input'),
     (dict(rois=torch.tensor([[2, 1., 1, 9, 9]])), ValueError,
-     r'rois\[:, 0\] must be batch indices in \[0, 1\]'),
-    (dict(rois=torch.tensor([[-1, 1., 1, 9, 9]])), ValueError, r'rois\[:, 0\] must be batch indices'),
-    (dict(offset=torch.zeros(1, 2, 7)), ValueError,
+     r'rois\[:, 0\] must be integer batch indices in \[0, 1\]'),
+    (dict(rois=torch.tensor([[-1, 1., 1, 9, 9]])), ValueError, r'rois\[:, 0\] must be integer batch indices'),
+    (dict(offset=torch.zeros(1, 2, 7)), ValueError, r'offset must be a 4D tensor, got shape \(1, 2, 7\)'),
+    (dict(offset=torch.zeros(1, 2, 7, 6)), ValueError,
      r'offset must have shape \[K, 2, ph, pw\] = \[1, 2, 7, 7\]'),
     (dict(offset=torch.zeros(2, 2, 7, 7)), ValueError, r'offset must have shape \[K, 2, ph, pw\]'),
     (dict(offset=torch.zeros(1, 2, 7, 7, dtype=torch.float64)), TypeError,
-     'offset must have the dtype of input'),
+     r'offset is torch.float64 but input is torch.float32: all tensors must have one dtype \(use offset.to'),
+    (dict(output_size=7.0), TypeError, r'output_size must be an int or a pair of ints, got 7\.0'),
     (dict(output_size=(7, 7, 7)), TypeError, 'output_size must be an int or a pair of ints'),
-    (dict(output_size=0), ValueError, 'output_size must be positive'),
+    (dict(output_size=0), ValueError, 'output_size must be >= 1'),
+    (dict(spatial_scale='0.25'), ValueError, 'spatial_scale must be a number > 0'),
     (dict(sampling_ratio=-1), ValueError, r'sampling_ratio must be an int >= 0'),
-    (dict(spatial_scale=0.0), ValueError, 'spatial_scale must be > 0'),
+    (dict(spatial_scale=0.0), ValueError, 'spatial_scale must be a number > 0'),
     (dict(input=torch.zeros(2, 3, 0, 8)), ValueError, 'input has an empty spatial size'),
-    (dict(backend='cuda'), ValueError, r"backend must be one of \('auto', 'native', 'mmcv'\)"),
+    (dict(backend='cuda'), ValueError, r"backend must be one of \('auto', 'native', 'mmcv', 'torchvision'\)"),
     (dict(backend='mmcv'), ValueError, "backend='mmcv' needs a CUDA tensor"),
 ])
 def test_bad_arguments(overrides, error, match):
@@ -345,53 +261,3 @@ def test_module_checks_channels():
     with pytest.raises(ValueError, match='input has 3 channels but this module was built with '
                                          'output_channels=4'):
         DeformRoIPool(7, 4, deform_fc_channels=8)(torch.zeros(1, 3, 8, 8), torch.zeros(0, 5))
-
-
-# ----------------------------------------------------------------------------------------------
-# CUDA: native against mmcv's compiled kernel
-
-
-@pytest.mark.cuda
-@cuda
-@pytest.mark.parametrize('sampling_ratio', [0, 2])
-def test_cuda_native_matches_mmcv(sampling_ratio):
-    assert drp._mmcv_has_cuda(), 'mmcv must be compiled with CUDA on a CUDA machine'
-    # offsets small enough that every sample stays inside [0, H - 1] x [0, W - 1], where mmcv's
-    # offset gradient is the derivative of its forward (see the module docstring)
-    input, rois, offset = random_case(9, n=2, c=16, h=32, w=40, k=64, output_size=(7, 7),
-                                      dtype=torch.float32, offset_scale=0.2)
-    rois[:, 1:] = torch.cat([rois[:, 1:3].clamp(16, 100), rois[:, 1:3].clamp(16, 100) + 24], 1)
-    rois[:, 0] = torch.arange(64) % 2
-    results = {}
-    for backend in ('native', 'mmcv'):
-        x = input.cuda().requires_grad_(True)
-        o = offset.cuda().requires_grad_(True)
-        out = deform_roi_pool(x, rois.cuda(), o, 7, 0.25, sampling_ratio, backend=backend)
-        grad = torch.linspace(-1, 1, out.numel(), device='cuda').view_as(out)
-        results[backend] = (out, *torch.autograd.grad(out, (x, o), grad))
-    for a, b in zip(results['native'], results['mmcv'], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.cuda
-@cuda
-def test_cuda_native_matches_mmcv_forward_and_input_grad_at_borders():
-    input, rois, offset = random_case(10, c=8, dtype=torch.float32)
-    results = {}
-    for backend in ('native', 'mmcv'):
-        x = input.cuda().requires_grad_(True)
-        out = deform_roi_pool(x, rois.cuda(), offset.cuda(), (3, 2), 0.25, backend=backend)
-        results[backend] = (out, torch.autograd.grad(out.sum(), x)[0])  # sum: expanded grad_output
-    for a, b in zip(results['native'], results['mmcv'], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.cuda
-@cuda
-def test_cuda_modules_and_auto_backend():
-    input, rois, _ = random_case(11, c=4, dtype=torch.float32)
-    rois = torchvision_safe(rois)
-    expected = roi_align(input, rois, (3, 2), 0.25, 0, aligned=True).cuda()
-    pool = ModulatedDeformRoIPool((3, 2), 4, deform_fc_channels=16, spatial_scale=0.25).cuda()
-    torch.testing.assert_close(pool(input.cuda(), rois.cuda()), 0.5 * expected)
-    assert drp._resolve_backend('auto', torch.device('cuda')) == 'mmcv'

@@ -111,7 +111,7 @@ def test_panels_pick_the_nearest_unit_and_map_back_to_the_original_image():
 
 @pytest.mark.parametrize('modulated', [True, False], ids=['DCNv2', 'DCNv1'])
 def test_capture_splits_offsets_and_masks_as_mmcv_does(modulated):
-    from dcn_det.ops import DeformConv2dPack, ModulatedDeformConv2dPack
+    from dcn_det.models import DeformConv2dPack, ModulatedDeformConv2dPack
 
     layer = (ModulatedDeformConv2dPack if modulated else DeformConv2dPack)(4, 4, 3, stride=2, padding=1)
     with torch.no_grad():

@@ -10,7 +10,7 @@ from mmdet.registry import MODELS
 from mmengine.logging import print_log
 
 from dcn_det.checkpoint import describe_differences, load_checkpoint_file, state_dict_differences
-from dcn_det.ops import DeformConv2dPack, ModulatedDeformConv2dPack
+from dcn_det.models.layers import DeformConv2dPack, ModulatedDeformConv2dPack
 
 # mmdet's names and ours, so an mmdet `dcn=dict(type='DCNv2', ...)` config keeps working.
 DCN_LAYERS = {
@@ -130,6 +130,9 @@ class DCNResNet(ResNet):
             raise ValueError(f'stage_with_dcn needs one flag per stage ({num_stages}), got {tuple(stage_with_dcn)}')
         default_init = kwargs.get('init_cfg') is None and kwargs.get('pretrained') is None
         super().__init__(depth, dcn=_resolve_dcn(dcn), stage_with_dcn=tuple(stage_with_dcn), **kwargs)
+        for name, module in self.named_modules():  # a NaN offset then names its layer as the detector's keys do
+            if isinstance(module, (DeformConv2dPack, ModulatedDeformConv2dPack)):
+                module.layer_name = f'backbone.{name}'
         # mmdet zero-inits each block's last norm only if `block is Bottleneck/BasicBlock`, which our
         # subclasses fail: apply the same init explicitly.
         if default_init and self.zero_init_residual:

@@ -1,4 +1,4 @@
-"""DCNv1/DCNv2 layers that predict their own offsets, drop-in replacements for mmcv's packs.
+"""DCNv1/DCNv2 conv layers that predict their own offsets, drop-in replacements for mmcv's packs.
 
 They subclass :class:`mmcv.ops.DeformConv2dPack` / :class:`mmcv.ops.ModulatedDeformConv2dPack`, so
 that everything keyed on mmcv's classes keeps working: mmengine's
@@ -7,34 +7,47 @@ that everything keyed on mmcv's classes keeps working: mmengine's
 ``conv_offset.bias``) load key for key, and mmcv's ``_version`` (2) and ``_load_from_state_dict``
 are inherited. (Its pre-version-2 renaming of ``<layer>_offset.*`` keys never fires through torch's
 or mmengine's loaders, which hand a layer only the keys under its own prefix.) Only ``forward``
-changes: it calls :func:`dcn_det.ops.deform_conv2d` with the layer's ``backend``. They are not
-registered in any registry here; the models layer does that.
+changes: it calls :func:`dcn_det.ops.deform_conv2d` with the layer's ``backend``. They live in the
+models layer because they build on mmcv (the ops layer needs torch and torchvision only).
 
 torch.compile: with the native backend a model containing these layers compiles into one graph
 (no graph break, aot_eager and inductor); with ``backend='mmcv'`` dynamo graph-breaks at each
-deformable op (mmcv's pybind extension is opaque to it). See :mod:`dcn_det.ops.deform_conv`.
+deformable op (mmcv's pybind extension is opaque to it). See :mod:`dcn_det.ops.conv`.
 """
+from typing import Optional
+
 import torch
 from mmcv.ops import DeformConv2dPack as _MMCVDeformConv2dPack
 from mmcv.ops import ModulatedDeformConv2dPack as _MMCVModulatedDeformConv2dPack
 from torch import Tensor, nn
 
-from .deform_conv import check_backend, deform_conv2d
+from dcn_det.ops import NonFiniteError, deform_conv2d
+from dcn_det.ops._common import check_backend
+from dcn_det.ops.conv import BACKEND_CHOICES
 
 
-class _QuietLoad:
-    """Load as a plain module, without mmcv's per-layer log.
+class _Layer:
+    """What both packs change in mmcv's: the op they call, and loading without mmcv's per-layer log.
 
     mmcv's packs log "... is upgraded to version 2" for every layer of every current checkpoint
     (their version test is inverted), and their old-key renaming cannot fire (torch hands a layer
     only the keys under its own prefix), so skipping their override changes nothing else.
     """
 
+    layer_name: Optional[str] = None  # set by the model that holds the layer, for error messages
+
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         nn.Module._load_from_state_dict(self, *args, **kwargs)
 
+    def _deform_conv2d(self, x: Tensor, offset: Tensor, mask: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+        try:
+            return deform_conv2d(x, offset, self.weight, bias, self.stride, self.padding, self.dilation,
+                                 mask, backend=self.backend)
+        except NonFiniteError as e:
+            raise NonFiniteError(f'{self.layer_name or type(self).__name__}: {e}') from None
 
-class DeformConv2dPack(_QuietLoad, _MMCVDeformConv2dPack):
+
+class DeformConv2dPack(_Layer, _MMCVDeformConv2dPack):
     """DCNv1 layer: ``conv_offset`` (zero-initialised) predicts the offsets from the input.
 
     Args: those of :class:`mmcv.ops.DeformConv2dPack` (``in_channels``, ``out_channels``,
@@ -46,15 +59,13 @@ class DeformConv2dPack(_QuietLoad, _MMCVDeformConv2dPack):
 
     def __init__(self, *args, backend: str = 'auto', **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.backend = check_backend(backend)
+        self.backend = check_backend(backend, BACKEND_CHOICES)
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        offset = self.conv_offset(x)
-        return deform_conv2d(x, offset, self.weight, None, self.stride, self.padding, self.dilation,
-                             backend=self.backend)
+        return self._deform_conv2d(x, self.conv_offset(x), None, None)  # mmcv's DCNv1 has no bias
 
 
-class ModulatedDeformConv2dPack(_QuietLoad, _MMCVModulatedDeformConv2dPack):
+class ModulatedDeformConv2dPack(_Layer, _MMCVModulatedDeformConv2dPack):
     """DCNv2 layer: ``conv_offset`` (zero-initialised) predicts offsets and masks from the input.
 
     At initialisation the offsets are 0 and the masks sigmoid(0) = 0.5, so the layer computes half
@@ -66,15 +77,13 @@ class ModulatedDeformConv2dPack(_QuietLoad, _MMCVModulatedDeformConv2dPack):
 
     def __init__(self, *args, backend: str = 'auto', **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.backend = check_backend(backend)
+        self.backend = check_backend(backend, BACKEND_CHOICES)
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         out = self.conv_offset(x)
         o1, o2, mask = torch.chunk(out, 3, dim=1)
         offset = torch.cat((o1, o2), dim=1)
-        mask = torch.sigmoid(mask)
-        return deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                             mask, backend=self.backend)
+        return self._deform_conv2d(x, offset, torch.sigmoid(mask), self.bias)
 
     def extra_repr(self) -> str:
         return f'backend={self.backend!r}'
