@@ -116,20 +116,25 @@ def _memory_child(variant: str, size: int, device: str) -> None:
         print(peak_rss() - before)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--device', choices=['cpu', 'cuda'], default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--size', type=int, default=512)
-    parser.add_argument('--variants', nargs='+', default=list(VARIANTS))
+    parser.add_argument('--variants', nargs='+', choices=list(VARIANTS), default=list(VARIANTS), metavar='VARIANT',
+                        help='any of: ' + '; '.join(VARIANTS) + ' (default: all; plain is always measured)')
     parser.add_argument('--out', default=osp.join(REPO, 'work_dirs', 'bench', 'models.json'))
-    parser.add_argument('--memory-of', help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument('--memory-of', choices=list(VARIANTS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error('--repeats must be at least 1')
     if args.memory_of:
         return _memory_child(args.memory_of, args.size, args.device)
 
     data = inputs(args.size, args.device)
-    models = {v: build(v, args.device) for v in args.variants}
+    # ratios are to plain, measured in the same run
+    variants = dict.fromkeys(['plain', *args.variants])
+    models = {v: build(v, args.device) for v in variants}
     for m in models.values():  # warm-up
         train_step(m, data, args.device), infer(m, data, args.device)
     times = {v: {'train': [], 'infer': []} for v in models}

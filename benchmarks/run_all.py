@@ -50,11 +50,11 @@ def plot(summary: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--quick', action='store_true')
     parser.add_argument('--only', nargs='+', choices=list(RUNS), default=list(RUNS))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     summary = {}
     for name in args.only:
         script, quick = RUNS[name]

@@ -69,15 +69,27 @@ def describe_differences(differences: dict) -> str:
 def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str) -> None:
     """``model.load_state_dict(state_dict, strict=True)``, a mismatch told in one line.
 
+    Keys are compared as the modules read them: a versioned module's ``_load_from_state_dict`` first
+    converts an older layout (mmcv's DCN, :class:`~dcn_det.models.DeformRoIExtractor`). Shapes of
+    the keys both sides share are checked before anything is copied; a missing or unexpected key is
+    found while loading, so a refused model may be partly loaded (the tools then stop).
+
     Raises:
-        CheckpointLoadError: the keys or shapes differ; the message names them (``source`` names
-            the file), as a checkpoint of another model or config would.
+        CheckpointLoadError: the keys or shapes differ, or a module refuses the layout; the message
+            names them (``source`` names the file), as a checkpoint of another model or config would.
     """
-    differences = state_dict_differences(model.state_dict(), state_dict)
+    shapes = state_dict_differences(model.state_dict(), state_dict)['shape mismatches']
+    if shapes:
+        raise CheckpointLoadError(f"{source} does not belong to this config's model: "
+                                  + describe_differences({'shape mismatches': shapes}))
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except (RuntimeError, ValueError) as e:  # shapes after a layout conversion, or a layout a module refuses
+        raise CheckpointLoadError(f'{source} cannot be loaded: {" ".join(str(e).split())}') from None
+    differences = {'missing keys': sorted(result.missing_keys), 'unexpected keys': sorted(result.unexpected_keys)}
     if any(differences.values()):
         raise CheckpointLoadError(f"{source} does not belong to this config's model: "
                                   + describe_differences(differences))
-    model.load_state_dict(state_dict, strict=True)
 
 
 def to_weights_only(obj: Any) -> Any:

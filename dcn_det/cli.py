@@ -6,6 +6,8 @@ from typing import NoReturn, Optional
 
 from mmengine.config import Config, DictAction  # noqa: F401  DictAction: for the tools' argparse
 
+from dcn_det.dataset_check import DatasetFileError, check_dataset_files
+
 
 class UsageError(Exception):
     """Bad input from the command line: printed as one line, exit status 2."""
@@ -35,6 +37,16 @@ def load_config(path: str, cfg_options: Optional[dict] = None, work_dir: Optiona
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('work_dirs', osp.splitext(osp.basename(path))[0])
     return cfg
+
+
+def check_data(cfg: Config, mode: str) -> None:
+    """Refuse, in one line naming the path, a config whose annotation files or image folders for a
+    ``'train'`` or ``'test'`` run are missing or corrupt (:mod:`dcn_det.dataset_check`): before the
+    model is built, not in a pycocotools traceback once the runner starts."""
+    try:
+        check_dataset_files(cfg, mode)
+    except DatasetFileError as e:
+        raise UsageError(str(e)) from None
 
 
 def build_runner(cfg: Config):

@@ -1,25 +1,49 @@
 #!/usr/bin/env bash
 # Set up .venv with the pinned MMDetection stack; idempotent, safe to rerun.
 #
-# The one slow step is mmcv 2.1.0: PyPI has no wheel for torch 2.14, and its sdist does not build
-# as published (setup.py asks for C++14/17, torch 2.14's headers need C++20; setup.py imports
-# pkg_resources, gone from setuptools >= 81). We patch the std flags, build the wheel once
-# (~15 min on 2 cores) into a cache outside the repo, keyed by mmcv/torch/python/CPU-or-CUDA,
-# and every later set-up installs that wheel in seconds.
+# The versions are pinned in pyproject.toml only (with the mmcv sdist's sha256 under [tool.dcn_det]);
+# this script reads them through dcn_det/env_check.py. Everything is fetched with pip, so pip's own
+# configuration (index, proxy, certificates: pip.conf, PIP_* variables) applies.
+#
+# The one slow step is mmcv: PyPI has no wheel for our torch, and its sdist does not build as
+# published (setup.py asks for C++14/17, torch's headers need C++20; setup.py imports pkg_resources,
+# gone from setuptools >= 81). We patch the std flags, build the wheel once (~15 min on 2 cores)
+# into a cache outside the repo, keyed by mmcv/torch/python/CPU-or-CUDA, and every later set-up
+# installs that wheel in seconds.
 #
 #   FORCE_CUDA=1 scripts/setup_env.sh   # build mmcv's CUDA kernels too (needs nvcc + a GPU toolchain)
 #   DCN_DET_CACHE=/path                 # where the mmcv wheel is cached (default ~/.cache/dcn_det)
+#   scripts/setup_env.sh --fetch-mmcv-sdist DIR   # only download the pinned mmcv sdist into DIR
+#                                                 # (checks that pip's index serves it, checksum verified)
 set -euo pipefail
+CALLER_DIR=$PWD
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3.11}
 VENV=.venv
-TORCH=2.14.1
-TORCHVISION=0.29.1
-MMCV=2.1.0
-MMCV_SHA256=d387bcab66b467479b6660310e23746cfc79c6e57acf04094680adb499a5cd3f
 CACHE=${DCN_DET_CACHE:-$HOME/.cache/dcn_det}
 say() { echo "[setup] $*"; }
+
+# The pinned mmcv sdist into $2 (as mmcv-VERSION.tar.gz) through pip, in hash-checking mode: pip
+# refuses any file whose sha256 is not the pinned one. $1: a Python with pip (and setuptools < 81:
+# pip runs mmcv's setup.py for its metadata).
+fetch_mmcv_sdist() {
+  local python=$1 dir=$2 mmcv sha
+  mmcv=$("$python" dcn_det/env_check.py --pin mmcv)
+  sha=$("$python" dcn_det/env_check.py --mmcv-sdist-sha256)
+  "$python" -m pip download -q --no-deps --no-binary :all: --no-build-isolation --require-hashes -d "$dir" \
+      -r <(echo "mmcv==$mmcv --hash=sha256:$sha") \
+    || { echo "[setup] pip could not fetch mmcv==$mmcv with sha256 $sha (pyproject.toml): see pip's message above" >&2
+         exit 1; }
+}
+
+if [ "${1:-}" = --fetch-mmcv-sdist ]; then
+  [ $# = 2 ] || { echo "usage: $0 --fetch-mmcv-sdist DIR" >&2; exit 2; }
+  dir=$2; [[ $dir = /* ]] || dir=$CALLER_DIR/$dir
+  python=$PY; [ -x "$VENV/bin/python" ] && python=$VENV/bin/python
+  fetch_mmcv_sdist "$python" "$dir"
+  say "downloaded $(ls "$dir"/mmcv-*.tar.gz)"; exit 0
+fi
 
 stamp_key=$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)-${FORCE_CUDA:-0}
 if [ -f "$VENV/.setup-$stamp_key" ] && "$VENV/bin/python" dcn_det/env_check.py --quiet 2>/dev/null; then
@@ -32,6 +56,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 pip() { "$VENV/bin/python" -m pip "$@"; }
+pin() { "$VENV/bin/python" dcn_det/env_check.py --pin "$1"; }
+TORCH=$(pin torch)
+TORCHVISION=$(pin torchvision)
+MMCV=$(pin mmcv)
 PYTAG=$("$VENV/bin/python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
 
 say "installing torch==$TORCH torchvision==$TORCHVISION and the build tools (exact pins: a loose 'torch' pulls a newer multi-GB build)"
@@ -44,19 +72,8 @@ if ! ls "$wheel_dir"/mmcv-*.whl >/dev/null 2>&1; then
   say "no cached mmcv wheel in $wheel_dir: building mmcv $MMCV with ops ($flavour) from its sdist, ~15 min on 2 cores"
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
-  "$VENV/bin/python" - "$MMCV" "$MMCV_SHA256" "$work/mmcv.tar.gz" <<'PY'
-import hashlib, json, sys, urllib.request
-version, sha, dest = sys.argv[1:]
-req = urllib.request.Request('https://pypi.org/simple/mmcv/',
-                             headers={'Accept': 'application/vnd.pypi.simple.v1+json'})
-index = json.load(urllib.request.urlopen(req, timeout=120))
-url = next(f['url'] for f in index['files'] if f['filename'] == f'mmcv-{version}.tar.gz')
-data = urllib.request.urlopen(url, timeout=300).read()
-if hashlib.sha256(data).hexdigest() != sha:
-    sys.exit(f'mmcv sdist checksum mismatch for {url}')
-open(dest, 'wb').write(data)
-PY
-  tar -xzf "$work/mmcv.tar.gz" -C "$work"
+  fetch_mmcv_sdist "$VENV/bin/python" "$work"
+  tar -xzf "$work/mmcv-$MMCV.tar.gz" -C "$work"
   src="$work/mmcv-$MMCV"
   say "patching $src/setup.py: -std=c++14/17 -> c++20 (torch $TORCH headers need C++20)"
   sed -i -E 's/c\+\+1[47]/c++20/g' "$src/setup.py"
@@ -72,6 +89,9 @@ pip install -q --no-deps "$wheel_dir"/mmcv-*.whl
 
 say "installing dcn_det (editable) with mmengine, mmdet, pycocotools and the test tools"
 pip install -q -e ".[test]"
+
+# dcn_det's own build steps go here: after dcn_det is installed, before the final check.
+
 "$VENV/bin/python" dcn_det/env_check.py
 rm -f "$VENV"/.setup-*; touch "$VENV/.setup-$stamp_key"
 say "done"

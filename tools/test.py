@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from dcn_det.checkpoint import CheckpointLoadError, load_checkpoint_file, load_state_dict_strict  # noqa: E402
-from dcn_det.cli import DictAction, UsageError, build_runner, fail, load_config, set_local_rank  # noqa: E402
+from dcn_det.cli import DictAction, UsageError, build_runner, check_data, fail, load_config, set_local_rank  # noqa: E402
 
 AP_NAMES = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'bbox_mAP_s', 'bbox_mAP_m', 'bbox_mAP_l')
 
@@ -48,6 +48,7 @@ def main(argv=None) -> dict:
             if osp.exists(args.out):
                 raise UsageError(f'--out {args.out!r} exists: remove it or choose another path')
         cfg = load_config(args.config, args.cfg_options, args.work_dir)
+        check_data(cfg, 'test')
         cfg.launcher = args.launcher
         ckpt = load_checkpoint_file(args.checkpoint, trust=args.trust_checkpoint)
         state = ckpt.get('state_dict', ckpt)

@@ -23,6 +23,9 @@ def test_config_loss_and_predict(path, tiny_inputs):
     from mmdet.registry import MODELS
 
     cfg = shrink_detector(Config.fromfile(path))
+    # as with the configs' pretrained backbones: mmdet's zero_init_residual (from-scratch init) zeroes each block's
+    # last BN, which stops every gradient into the residual branch, conv_offset included, at step 0
+    cfg.model.backbone.zero_init_residual = False
     init_default_scope('mmdet')
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)
@@ -32,12 +35,31 @@ def test_config_loss_and_predict(path, tiny_inputs):
     total, _ = model.parse_losses(losses)
     assert torch.isfinite(total) and total > 0
     total.backward()
-    grads = [p.grad for n, p in model.named_parameters() if 'conv_offset' in n or 'offset_fc' in n]
-    assert all(g is not None for g in grads)
+    _check_offset_gradients(cfg, dict(model.named_parameters()))
     model.eval()
     with torch.no_grad():
         results = model(**model.data_preprocessor(tiny_inputs, False), mode='predict')
     assert len(results) == 2 and all(r.pred_instances.bboxes.shape[-1] == 4 for r in results)
+
+
+def _check_offset_gradients(cfg, params):
+    """Rule: every offset/mask predictor of a deformable config learns from the first step.
+
+    All of them start at zero (so a fresh layer computes what the plain one does), yet the loss depends on
+    offsets and masks: the backbone's one-conv ``conv_offset`` and the RoI predictors' last Linear get a
+    non-zero gradient. The RoI fc layers before that last zero Linear get exactly zero at step 0.
+    """
+    grad = {n: p.grad for n, p in params.items()}
+    conv_offset = [n for n in grad if '.conv_offset.' in n]
+    fc = [n for n in grad if '.offset_fc.' in n or '.mask_fc.' in n]
+    last = [n for n in fc if '.offset_fc.4.' in n or '.mask_fc.2.' in n]
+    deform_pool = cfg.model.roi_head.bbox_roi_extractor.roi_layer.type in ('DeformRoIPool', 'ModulatedDeformRoIPool')
+    assert bool(conv_offset) == (cfg.model.backbone.get('dcn') is not None)
+    assert bool(last) == deform_pool
+    for name in conv_offset + last:
+        assert grad[name] is not None and grad[name].abs().sum() > 0, f'{name} gets no gradient'
+    for name in set(fc) - set(last):
+        assert grad[name] is not None and not grad[name].any(), f'{name}: the last fc layer is not zero at init'
 
 
 def test_flagship_config_is_the_paper_setting():

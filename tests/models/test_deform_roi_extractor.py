@@ -4,6 +4,7 @@ from mmdet.registry import MODELS
 from mmengine.registry import init_default_scope
 
 import dcn_det  # noqa: F401  registers
+from dcn_det.ops.modules import RoIOffsetPredictor
 
 
 def _extractor(layer='ModulatedDeformRoIPool', share=True, channels=8):
@@ -31,17 +32,18 @@ def test_fresh_pools_equal_roi_align_and_half_of_it():
     torch.testing.assert_close(_extractor()(feats, rois), 0.5 * expected, rtol=1e-5, atol=1e-5)
 
 
-def test_shared_predictor_is_one_module_and_fewer_parameters():
+def test_shared_predictor_is_the_extractors_own_and_fewer_parameters():
     shared, per_level = _extractor(share=True), _extractor(share=False)
-    assert all(layer.offset_fc is shared.roi_layers[0].offset_fc for layer in shared.roi_layers)
-    assert all(layer.mask_fc is shared.roi_layers[0].mask_fc for layer in shared.roi_layers)
+    assert isinstance(shared.offset_predictor, RoIOffsetPredictor)
+    assert not [p for layer in shared.roi_layers for p in layer.parameters()]  # the levels hold no predictor
+    assert per_level.offset_predictor is None
     assert per_level.roi_layers[1].offset_fc is not per_level.roi_layers[0].offset_fc
     n_shared = sum(p.numel() for p in shared.parameters())
     n_per_level = sum(p.numel() for p in per_level.parameters())
     assert n_per_level == 4 * n_shared
     assert [layer.spatial_scale for layer in shared.roi_layers] == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
     assert shared.roi_layers[0].output_channels == 8  # filled in from out_channels
-    assert not [k for k in shared.state_dict() if k.startswith(('roi_layers.1.', 'roi_layers.3.'))]
+    assert all(k.startswith(('offset_predictor.offset_fc.', 'offset_predictor.mask_fc.')) for k in shared.state_dict())
 
 
 def test_shared_predictor_builds_one_optimizer_group_per_parameter():
@@ -57,12 +59,23 @@ def test_shared_predictor_builds_one_optimizer_group_per_parameter():
 
 
 def test_shared_predictor_gets_gradients_from_every_level():
+    """RoIs of every size go to their own FPN level, and each level's RoIs move the one shared predictor."""
     extractor = _extractor()
-    feats, rois = _feats_and_rois()
-    for layer in extractor.roi_layers:  # make the output depend on the predictor
-        torch.nn.init.normal_(layer.offset_fc[-1].weight, std=0.01)
-    extractor(feats, rois).sum().backward()
-    assert extractor.roi_layers[0].offset_fc[0].weight.grad.abs().sum() > 0
+    torch.manual_seed(0)
+    feats = tuple(torch.rand(1, 8, 960 // s, 960 // s) for s in (4, 8, 16, 32))
+    # sqrt(area) 40 / 150 / 300 / 600 px -> levels 0 / 1 / 2 / 3 (finest_scale 56: < 112, < 224, < 448, >= 448)
+    rois = torch.tensor([[0, 10., 10., 50., 50.], [0, 100., 100., 250., 250.], [0, 300., 300., 600., 600.],
+                         [0, 200., 200., 800., 800.]])
+    assert extractor.map_roi_levels(rois, 4).tolist() == [0, 1, 2, 3]
+    predictor = extractor.offset_predictor
+    for stack in (predictor.offset_fc, predictor.mask_fc):  # let the output depend on every predictor layer
+        torch.nn.init.normal_([m for m in stack if isinstance(m, torch.nn.Linear)][-1].weight, std=0.01)
+    out = extractor(feats, rois)
+    first_layers = [predictor.offset_fc[0].weight, predictor.mask_fc[0].weight]
+    grads = [torch.autograd.grad(out[level].sum(), first_layers, retain_graph=True) for level in range(4)]
+    for level, (offset_grad, mask_grad) in enumerate(grads):
+        assert offset_grad.abs().sum() > 0 and mask_grad.abs().sum() > 0, f'level {level} does not reach the predictor'
+    assert not torch.equal(grads[0][0], grads[3][0])
 
 
 def test_no_rois_gives_empty_output():

@@ -3,6 +3,7 @@ import datetime
 import json
 import os
 import os.path as osp
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,6 +123,50 @@ def test_bad_input_is_one_clear_line(shapes, tmp_path):
         assert result.returncode == 2, (args, result.stderr[-500:])
         assert message in result.stderr and result.stderr.count('\n') == 1, (args, result.stderr)
     assert existing.read_text() == 'keep me'
+
+
+def test_missing_or_corrupt_data_is_one_line_before_the_model_is_built(shapes, tmp_path):
+    """Rule: train.py and test.py name a missing annotation file / image folder or a corrupt annotation JSON
+    in one line, before the runner (and so the model and the work dir) exists."""
+    broken = tmp_path / 'broken'
+    shutil.copytree(shapes / 'data', broken)
+    shutil.rmtree(broken / 'train')
+    val_json = broken / 'annotations' / 'instances_val.json'
+    val_json.write_text(val_json.read_text()[:100])
+    ckpt = tmp_path / 'any.pth'
+    torch.save({'state_dict': {}}, ckpt)
+    work = tmp_path / 'work'
+    cases = [
+        (['tools/train.py', write_tiny_shapes_config(tmp_path / 'nodata.py', tmp_path / 'nodata', CLASSES)],
+         f"train_dataloader.dataset.ann_file: annotation file '{tmp_path}/nodata/annotations/instances_train.json' "
+         'does not exist'),
+        (['tools/train.py', write_tiny_shapes_config(tmp_path / 'broken.py', broken, CLASSES)],
+         f"train_dataloader.dataset.data_prefix.img: folder '{broken}/train/' does not exist"),
+        (['tools/test.py', str(tmp_path / 'broken.py'), str(ckpt)],
+         f"test_dataloader.dataset.ann_file: annotation file '{val_json}' is not valid JSON"),
+    ]
+    for args, message in cases:
+        result = tool(*args, '--work-dir', str(work), check=False)
+        assert result.returncode == 2 and result.stderr.count('\n') == 1, (args, result.stderr[-2000:])
+        assert message in result.stderr, (args, result.stderr)
+        assert not work.exists()
+
+
+def test_amp_without_a_gpu_is_refused_in_one_line(shapes, tmp_path, monkeypatch, capsys):
+    """Rule: --amp where mmengine's AmpOptimWrapper cannot run (no GPU) fails in one line before anything is built,
+    not in mmengine's assertion inside the runner (bfloat16 on a CPU breaks mmcv's NMS: see tools/train.py)."""
+    import mmengine.device
+
+    from tools import train
+
+    monkeypatch.setattr(mmengine.device, 'get_device', lambda: 'cpu')
+    cfg = write_tiny_shapes_config(tmp_path / 'tiny.py', shapes / 'data', CLASSES, epochs=1)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([cfg, '--amp', '--work-dir', str(tmp_path / 'work')])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count('\n') == 1
+    assert err.startswith('error: --amp needs a GPU') and 'train without --amp' in err
+    assert not (tmp_path / 'work').exists()
 
 
 def test_two_cpu_processes_with_gloo(shapes, tmp_path):

@@ -1,0 +1,100 @@
+"""Check a config's annotation files and image folders before anything is built.
+
+Without it, a missing file or a corrupt annotation JSON surfaces as a ``FileNotFoundError`` or
+``JSONDecodeError`` traceback from pycocotools once the model is built and the runner starts. The
+paths are resolved as mmengine's ``BaseDataset`` resolves them (relative ``ann_file`` and
+``data_prefix`` entries under ``data_root``); an evaluator's ``ann_file`` is used as written, as
+mmdet's ``CocoMetric`` does. Remote paths (``s3://...``) are left to their file backend. Every
+annotation JSON is parsed once here, so a truncated download is caught before training, not after.
+"""
+import json
+import os.path as osp
+from typing import Any, Iterator, Sequence, Tuple
+
+
+class DatasetFileError(Exception):
+    """An annotation file or image folder named by the config is missing or unreadable."""
+
+
+def check_dataset_files(cfg: Any, mode: str) -> None:
+    """Raise :class:`DatasetFileError` (one line naming the path and the config key) unless the
+    datasets and evaluators a ``mode`` run uses have their files in place.
+
+    ``'train'`` checks ``train_dataloader``, and ``val_dataloader`` / ``val_evaluator`` when the
+    config has a complete val loop (as mmengine's Runner decides); ``'test'`` checks
+    ``test_dataloader`` / ``test_evaluator``. Dataset wrappers (``RepeatDataset``,
+    ``ConcatDataset``, ...) are looked into.
+    """
+    loaders, evaluators = _sections(cfg, mode)
+    for loader in loaders:
+        if cfg.get(loader) is not None:
+            for where, dataset in _datasets(cfg[loader].get('dataset'), f'{loader}.dataset'):
+                _check_dataset(where, dataset)
+    for name in evaluators:
+        metrics = cfg.get(name)
+        metrics = metrics if isinstance(metrics, (list, tuple)) else [metrics]
+        for i, metric in enumerate(metrics):
+            if isinstance(metric, dict) and metric.get('ann_file'):
+                key = name if len(metrics) == 1 else f'{name}.{i}'
+                _check_annotations(f'{key}.ann_file', metric['ann_file'], f'set {key}.ann_file')
+
+
+def _sections(cfg: Any, mode: str) -> Tuple[Sequence[str], Sequence[str]]:
+    if mode not in ('train', 'test'):
+        raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
+    if mode == 'test':
+        return ['test_dataloader'], ['test_evaluator']
+    if all(cfg.get(k) is not None for k in ('val_cfg', 'val_dataloader', 'val_evaluator')):
+        return ['train_dataloader', 'val_dataloader'], ['val_evaluator']
+    return ['train_dataloader'], []
+
+
+def _datasets(dataset: Any, where: str) -> Iterator[Tuple[str, dict]]:
+    if not isinstance(dataset, dict):
+        return
+    if isinstance(dataset.get('dataset'), dict):  # RepeatDataset, ClassBalancedDataset, MultiImageMixDataset
+        yield from _datasets(dataset['dataset'], f'{where}.dataset')
+    elif isinstance(dataset.get('datasets'), (list, tuple)):  # ConcatDataset
+        for i, d in enumerate(dataset['datasets']):
+            yield from _datasets(d, f'{where}.datasets.{i}')
+    else:
+        yield where, dataset
+
+
+def _resolve(data_root: str, path: str) -> str:
+    return osp.join(data_root, path) if data_root and not osp.isabs(path) else path
+
+
+def _check_dataset(where: str, dataset: dict) -> None:
+    root = dataset.get('data_root') or ''
+    fix = f'set data_root (--cfg-options {where}.data_root=DIR)'
+    if dataset.get('ann_file'):
+        _check_annotations(f'{where}.ann_file', _resolve(root, dataset['ann_file']), f'{fix} or ann_file')
+    for key, prefix in (dataset.get('data_prefix') or {}).items():
+        if isinstance(prefix, str) and (root or prefix):
+            folder = _resolve(root, prefix)
+            if not _remote(folder) and not osp.isdir(folder):
+                raise DatasetFileError(f'{where}.data_prefix.{key}: folder {folder!r} does not exist: '
+                                       f'{fix} or data_prefix.{key}')
+
+
+def _check_annotations(where: str, path: str, fix: str) -> None:
+    if _remote(path):
+        return
+    if not osp.isfile(path):
+        state = 'is a folder, not a file' if osp.isdir(path) else 'does not exist'
+        raise DatasetFileError(f'{where}: annotation file {path!r} {state}: {fix}')
+    if path.endswith('.json'):
+        try:
+            with open(path, 'rb') as f:
+                json.load(f)
+        except OSError as e:
+            raise DatasetFileError(f'{where}: cannot read annotation file {path!r} ({e.strerror}): '
+                                   'make it readable') from None
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8/16/32 text
+            raise DatasetFileError(f'{where}: annotation file {path!r} is not valid JSON ({e}): it is '
+                                   'truncated or corrupt; regenerate or download it again') from None
+
+
+def _remote(path: str) -> bool:
+    return '://' in path
