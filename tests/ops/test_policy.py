@@ -91,7 +91,7 @@ def test_layers_name_themselves_in_the_error():
 
 def test_compiled_kernel_is_built_and_chosen():
     # `make setup` builds it; CI runs the suite on both kernels (tests/ops/test_deform_conv.py `kernel`)
-    assert extension.load() is not None, 'run `make setup` (python -m dcn_det.ops.kernels.extension)'
+    assert extension.load() is not None, 'run `make setup` (python dcn_det/ops/kernels/extension.py)'
     assert cpu_kernel() == 'compiled'
 
 

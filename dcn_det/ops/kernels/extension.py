@@ -1,12 +1,12 @@
 """Build and load dcn_det's compiled CPU kernels (``csrc/deform_conv_cpu.cpp``).
 
-The extension is compiled once by the set-up (``python -m dcn_det.ops.kernels.extension``, which
+The extension is compiled once by the set-up (``python dcn_det/ops/kernels/extension.py``, which
 ``scripts/setup_env.sh`` runs) into a cache outside the repository, keyed by the source, torch and
 Python, so that a fresh clone on the same machine reuses it, as the mmcv wheel is reused. Importing
 dcn_det never compiles anything: :func:`load` returns the built module, or None when there is none
 (no compiler, a failed build, another torch), and the ops then run their public-API path.
 
-    python -m dcn_det.ops.kernels.extension            # build (if needed) and report
+    python dcn_det/ops/kernels/extension.py            # build (if needed) and report
     DCN_DET_CACHE=/path ...                             # cache root (default ~/.cache/dcn_det)
 """
 import hashlib

@@ -1,5 +1,5 @@
-// Deformable convolution (DCNv1 / DCNv2) on the CPU: bilinear im2col, GEMMs through ATen, and a fused
-// col2im that also produces the offset and mask gradients. Public ATen/PyTorch C++ API only.
+// Deformable convolution (DCNv1 / DCNv2) on the CPU: bilinear im2col, the GEMMs through ATen's convolution
+// and matmul, and a fused col2im that also produces the offset and mask gradients. Public ATen API only.
 //
 // Semantics are mmcv's (modulated_deform_conv / deform_conv CPU and CUDA kernels): a sample at (h, w)
 // counts only when -1 < h < H and -1 < w < W; it reads the corners (floor(h), floor(w)) .. +1, a corner
@@ -8,7 +8,9 @@
 //   x      (N, H, W, C)            input, one row of C channels per pixel
 //   offset (N, Ho, Wo, DG, K, 2)   (dy, dx) per output pixel, offset group and kernel point
 //   mask   (N, Ho, Wo, DG, K)      modulation (DCNv2), or undefined (DCNv1)
-//   cols   (G, Pc, K, Cg)          the sampled columns of Pc output pixels, per conv group
+//   cols   (Pc, K, C)              the sampled columns of Pc output pixels; viewed as a batch of output rows,
+//                                  (Rc, C, 1, Wo*K) channels-last, a conv with kernel (1, K) and stride (1, K)
+//                                  and the weight viewed as (C_out, C/G, 1, K) is the deformable conv
 // The inner loops are plain C++ compiled for AVX-512, AVX2 and baseline x86-64 (target_clones): the loader
 // picks the widest the CPU has at run time, so one build runs on every x86-64 CPU.
 #include <torch/extension.h>
@@ -18,7 +20,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <numeric>
 #include <vector>
 
 namespace {
@@ -81,12 +82,11 @@ DCN_CLONES void scatter4_dot4(const double* __restrict g, double* __restrict ga,
 }
 
 struct Geometry {
-  int64_t n, c, h, w;          // input
-  int64_t c_out, kh, kw, k;    // weight
-  int64_t ho, wo;              // output
+  int64_t n, c, h, w;        // input
+  int64_t c_out, kh, kw, k;  // weight
+  int64_t ho, wo;            // output
   int64_t sh, sw, ph, pw, dh, dw;
-  int64_t g, dg, cg, cd, og;   // groups, offset groups, channels per group / offset group, outputs per group
-  int64_t piece;               // channel runs that lie in one group and one offset group: gcd(cg, cd)
+  int64_t g, dg, cd;  // groups, offset groups, channels per offset group
 };
 
 // One bilinear sample: the rows of its four corners (top-left, top-right, bottom-left, bottom-right) and
@@ -156,14 +156,11 @@ Geometry geometry(const at::Tensor& input, const at::Tensor& weight, int64_t sh,
   s.wo = (s.w + 2 * pw - dw * (s.kw - 1) - 1) / sw + 1;
   s.g = groups;
   s.dg = offset_groups;
-  s.cg = s.c / groups;
   s.cd = s.c / offset_groups;
-  s.og = s.c_out / groups;
-  s.piece = std::gcd(s.cg, s.cd);
   return s;
 }
 
-// cols (G, Pc, K, Cg) of the output pixels [p0, p0 + pc)
+// cols (Pc, K, C) of the output pixels [p0, p0 + pc)
 template <typename T>
 void im2col(const T* x, const T* offset, const T* mask, const T* zero, const Geometry& s, int64_t p0, int64_t pc,
             T* cols) {
@@ -178,20 +175,15 @@ void im2col(const T* x, const T* offset, const T* mask, const T* zero, const Geo
           const int64_t si = dg_i * s.k + ki;
           const Sample<T> smp = sample(x, zero, s, n, y, xo, ki, dg_i, off[2 * si], off[2 * si + 1]);
           const T scale = m ? m[si] : T(1);
-          for (int64_t c0 = 0; c0 < s.cd; c0 += s.piece) {
-            const int64_t c = dg_i * s.cd + c0, g = c / s.cg;
-            T* dst = cols + ((g * pc + p) * s.k + ki) * s.cg + (c - g * s.cg);
-            bilinear4(dst, smp.row[0] + c0, smp.row[1] + c0, smp.row[2] + c0, smp.row[3] + c0,
-                      smp.weight[0] * scale, smp.weight[1] * scale, smp.weight[2] * scale, smp.weight[3] * scale,
-                      s.piece);
-          }
+          bilinear4(cols + (p * s.k + ki) * s.c + dg_i * s.cd, smp.row[0], smp.row[1], smp.row[2], smp.row[3],
+                    smp.weight[0] * scale, smp.weight[1] * scale, smp.weight[2] * scale, smp.weight[3] * scale, s.cd);
         }
       }
     }
   });
 }
 
-// Transposes im2col for the pixels [p0, p0 + pc): scatters grad_cols (G, Pc, K, Cg) into the blocks' private
+// Transposes im2col for the pixels [p0, p0 + pc): scatters grad_cols (Pc, K, C) into the blocks' private
 // input-gradient buffers (no two threads write one buffer) and writes the offset and mask gradients.
 template <typename T>
 void col2im(const T* x, const T* offset, const T* mask, const T* zero, const Geometry& s, int64_t p0, int64_t pc,
@@ -217,14 +209,9 @@ void col2im(const T* x, const T* offset, const T* mask, const T* zero, const Geo
               T* dst[4];
               for (int q = 0; q < 4; ++q)
                 dst[q] = smp.index[q] >= 0 ? gx + smp.index[q] * s.c + dg_i * s.cd : bin + q * s.cd;
-              for (int64_t c0 = 0; c0 < s.cd; c0 += s.piece) {
-                const int64_t c = dg_i * s.cd + c0, g = c / s.cg;
-                const T* src = grad_cols + ((g * pc + p) * s.k + ki) * s.cg + (c - g * s.cg);
-                scatter4_dot4(src, dst[0] + c0, dst[1] + c0, dst[2] + c0, dst[3] + c0, smp.row[0] + c0,
-                              smp.row[1] + c0, smp.row[2] + c0, smp.row[3] + c0, smp.weight[0] * scale,
-                              smp.weight[1] * scale, smp.weight[2] * scale, smp.weight[3] * scale, s.piece,
-                              dots);
-              }
+              scatter4_dot4(grad_cols + (p * s.k + ki) * s.c + dg_i * s.cd, dst[0], dst[1], dst[2], dst[3],
+                            smp.row[0], smp.row[1], smp.row[2], smp.row[3], smp.weight[0] * scale,
+                            smp.weight[1] * scale, smp.weight[2] * scale, smp.weight[3] * scale, s.cd, dots);
             }
             if (grad_mask) {
               grad_mask[gp * s.dg * s.k + si] = smp.weight[0] * dots[0] + smp.weight[1] * dots[1] +
@@ -244,13 +231,46 @@ void col2im(const T* x, const T* offset, const T* mask, const T* zero, const Geo
   });
 }
 
+// Output rows (of Wo pixels) per chunk, so that a column buffer stays under chunk_bytes.
 int64_t rows_per_chunk(const Geometry& s, int64_t chunk_bytes, int64_t element) {
-  return std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(1, s.k * s.c * element));
+  return std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(1, s.wo * s.k * s.c * element));
 }
 
-// weight (C_out, Cg, kh, kw) -> (G, Og, K*Cg), the column order of cols
-at::Tensor weight_matrix(const at::Tensor& weight, const Geometry& s) {
-  return weight.permute({0, 2, 3, 1}).reshape({s.g, s.og, s.k * s.cg}).contiguous();
+// (A, B, C) -> (A, C, B) contiguous; for weights, whose inner matrices fit in L1, far faster than a strided copy
+at::Tensor swap_last2(const at::Tensor& t) {
+  auto src = t.contiguous();
+  const int64_t a = src.size(0), b = src.size(1), c = src.size(2);
+  auto dst = at::empty({a, c, b}, src.options());
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "dcn_det_swap_last2", [&] {
+    const scalar_t* sp = src.data_ptr<scalar_t>();
+    scalar_t* dp = dst.data_ptr<scalar_t>();
+    at::parallel_for(0, a, 1, [&](int64_t a0, int64_t a1) {
+      for (int64_t i = a0; i < a1; ++i)
+        for (int64_t j = 0; j < b; ++j)
+          for (int64_t l = 0; l < c; ++l) dp[(i * c + l) * b + j] = sp[(i * b + j) * c + l];
+    });
+  });
+  return dst;
+}
+
+// weight (C_out, C/G, kh, kw) as (C_out, C/G, 1, K) in channels-last memory, the form oneDNN takes without a copy
+at::Tensor weight_rows(const at::Tensor& weight, const Geometry& s) {
+  return swap_last2(weight.reshape({s.c_out, s.c / s.g, s.k})).view({s.c_out, 1, s.k, s.c / s.g}).permute({0, 3, 1, 2});
+}
+
+// A column buffer kept between calls (one per calling thread): buffers of this size come from fresh mmap'd
+// pages on every allocation, and faulting them in cost as much as filling them.
+at::Tensor column_buffer(int64_t rows, const Geometry& s, const at::TensorOptions& options) {
+  static thread_local at::Tensor cache;
+  const int64_t numel = rows * s.k * s.c;
+  if (!cache.defined() || cache.numel() < numel || cache.scalar_type() != options.dtype().toScalarType())
+    cache = at::empty({numel}, options);
+  return cache.narrow(0, 0, numel).view({rows, s.k, s.c});
+}
+
+// cols (Pc, K, C) of rc output rows as the channels-last image batch (rc, C, 1, Wo*K)
+at::Tensor as_rows(const at::Tensor& cols, const Geometry& s, int64_t rc) {
+  return cols.view({rc, 1, s.wo * s.k, s.c}).permute({0, 3, 1, 2});
 }
 
 void check_inputs(const at::Tensor& input, const at::Tensor& offset, const c10::optional<at::Tensor>& mask,
@@ -270,41 +290,40 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input, const at::Tensor& offs
                                  const c10::optional<at::Tensor>& mask, const at::Tensor& weight,
                                  const c10::optional<at::Tensor>& bias, int64_t sh, int64_t sw, int64_t ph,
                                  int64_t pw, int64_t dh, int64_t dw, int64_t groups, int64_t offset_groups,
-                                 int64_t chunk_bytes) {
+                                 int64_t chunk_bytes, bool use_conv) {
   check_inputs(input, offset, mask, weight, bias);
   const Geometry s = geometry(input, weight, sh, sw, ph, pw, dh, dw, groups, offset_groups);
   auto out = at::empty({s.n, s.ho, s.wo, s.c_out}, input.options());
-  const int64_t p_total = s.n * s.ho * s.wo;
-  if (p_total == 0) return out.permute({0, 3, 1, 2});
+  const int64_t rows = s.n * s.ho;
+  if (rows == 0) return out.permute({0, 3, 1, 2});
   auto x = input.permute({0, 2, 3, 1}).contiguous();
   auto off = offset.permute({0, 2, 3, 1}).contiguous();
   at::Tensor msk = mask ? mask->permute({0, 2, 3, 1}).contiguous() : at::Tensor();
-  auto w_mat = weight_matrix(weight, s);
-  auto out2d = out.view({p_total, s.c_out});
-  const int64_t step = rows_per_chunk(s, chunk_bytes, input.element_size());
+  use_conv = use_conv || s.g > 1;
+  auto w_rows = weight_rows(weight, s);
+  auto w_mat = use_conv ? at::Tensor() : w_rows.permute({0, 2, 3, 1}).reshape({s.c_out, s.k * s.c});  // (k, c)
+  auto out_rows = out.view({rows, s.wo, s.c_out});
+  const int64_t step = std::min(rows, rows_per_chunk(s, chunk_bytes, input.element_size()));
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_det_deform_conv2d_forward", [&] {
     auto zero = at::zeros({s.cd}, input.options());
-    auto cols = at::empty({s.g, std::min(step, p_total), s.k * s.cg}, input.options());
-    for (int64_t p0 = 0; p0 < p_total; p0 += step) {
-      const int64_t pc = std::min(step, p_total - p0);
-      auto c = cols.narrow(1, 0, pc);
-      if (pc < cols.size(1)) c = c.contiguous();  // the last chunk: (G, pc, K*Cg) contiguous
+    auto cols = column_buffer(step * s.wo, s, input.options());
+    for (int64_t r0 = 0; r0 < rows; r0 += step) {
+      const int64_t rc = std::min(step, rows - r0);
+      auto c = cols.narrow(0, 0, rc * s.wo);
       im2col<scalar_t>(x.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(),
-                       msk.defined() ? msk.data_ptr<scalar_t>() : nullptr, zero.data_ptr<scalar_t>(), s, p0, pc,
-                       c.data_ptr<scalar_t>());
-      auto o = out2d.narrow(0, p0, pc);
-      if (s.g == 1) {
-        if (bias) {
-          at::addmm_out(o, *bias, c[0], w_mat[0].t());
-        } else {
-          at::mm_out(o, c[0], w_mat[0].t());
-        }
+                       msk.defined() ? msk.data_ptr<scalar_t>() : nullptr, zero.data_ptr<scalar_t>(), s, r0 * s.wo,
+                       rc * s.wo, c.data_ptr<scalar_t>());
+      auto o = out_rows.narrow(0, r0, rc).view({rc * s.wo, s.c_out});
+      if (use_conv) {  // (rc, C_out, 1, Wo), channels-last: rows of output pixels
+        const std::vector<int64_t> stride{1, s.k}, pad{0, 0}, dil{1, 1};
+        o.copy_(at::conv2d(as_rows(c, s, rc), w_rows, bias, at::IntArrayRef(stride), at::IntArrayRef(pad),
+                           at::IntArrayRef(dil), s.g)
+                    .permute({0, 2, 3, 1})
+                    .reshape({rc * s.wo, s.c_out}));
+      } else if (bias) {
+        at::addmm_out(o, *bias, c.view({rc * s.wo, s.k * s.c}), w_mat.t());
       } else {
-        for (int64_t g = 0; g < s.g; ++g) {
-          auto og = at::mm(c[g], w_mat[g].t());
-          if (bias) og.add_(bias->narrow(0, g * s.og, s.og));
-          o.narrow(1, g * s.og, s.og).copy_(og);
-        }
+        at::mm_out(o, c.view({rc * s.wo, s.k * s.c}), w_mat.t());
       }
     }
   });
@@ -316,29 +335,36 @@ std::vector<at::Tensor> deform_conv2d_backward(const at::Tensor& grad_out, const
                                                const at::Tensor& offset, const c10::optional<at::Tensor>& mask,
                                                const at::Tensor& weight, bool has_bias, int64_t sh, int64_t sw,
                                                int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t groups,
-                                               int64_t offset_groups, int64_t chunk_bytes,
+                                               int64_t offset_groups, int64_t chunk_bytes, bool use_conv,
                                                std::vector<bool> needs) {
   check_inputs(input, offset, mask, weight, c10::nullopt);
   TORCH_CHECK(needs.size() == 5, "needs: input, offset, mask, weight, bias");
   const bool need_input = needs[0], need_offset = needs[1], need_mask = needs[2] && mask.has_value(),
              need_weight = needs[3], need_bias = needs[4] && has_bias;
   const Geometry s = geometry(input, weight, sh, sw, ph, pw, dh, dw, groups, offset_groups);
-  const int64_t p_total = s.n * s.ho * s.wo;
-  auto go = grad_out.to(input.scalar_type()).permute({0, 2, 3, 1}).contiguous().view({p_total, s.c_out});
+  const int64_t rows = s.n * s.ho;
+  // channels-last rows of the output gradient: (N*Ho, Wo, C_out)
+  auto go = grad_out.to(input.scalar_type()).permute({0, 2, 3, 1}).contiguous().view({rows, s.wo, s.c_out});
   at::Tensor grad_input, grad_offset, grad_mask, grad_weight, grad_bias;
-  if (need_bias) grad_bias = go.sum(0);
+  if (need_bias) grad_bias = go.sum({0, 1});
   auto x = input.permute({0, 2, 3, 1}).contiguous();
   auto off = offset.permute({0, 2, 3, 1}).contiguous();
   at::Tensor msk = mask ? mask->permute({0, 2, 3, 1}).contiguous() : at::Tensor();
-  auto w_mat = weight_matrix(weight, s);
-  at::Tensor gw_mat = need_weight ? at::zeros_like(w_mat) : at::Tensor();
+  use_conv = use_conv || s.g > 1;
+  auto w_rows = weight_rows(weight, s);
+  auto w_mat = use_conv ? at::Tensor() : w_rows.permute({0, 2, 3, 1}).reshape({s.c_out, s.k * s.c});
+  // weight gradient as (C_out, K, C) (the column layout), for one GEMM per chunk when groups == 1
+  at::Tensor gw = need_weight ? at::zeros(s.g == 1 ? at::IntArrayRef{s.c_out, s.k, s.c}
+                                                   : at::IntArrayRef{s.c_out, s.c / s.g, 1, s.k},
+                                          input.options())
+                              : at::Tensor();
   // channels-last accumulators, returned as permuted views
   at::Tensor gx = need_input ? at::zeros({s.n, s.h, s.w, s.c}, input.options()) : at::Tensor();
   at::Tensor goff = need_offset ? at::zeros({s.n, s.ho, s.wo, s.dg * s.k * 2}, input.options()) : at::Tensor();
   at::Tensor gmask = need_mask ? at::zeros({s.n, s.ho, s.wo, s.dg * s.k}, input.options()) : at::Tensor();
   const bool need_cols_grad = need_input || need_offset || need_mask;
-  if (p_total > 0 && (need_weight || need_cols_grad)) {
-    const int64_t step = rows_per_chunk(s, chunk_bytes, input.element_size());
+  if (rows > 0 && (need_weight || need_cols_grad)) {
+    const int64_t step = std::min(rows, rows_per_chunk(s, chunk_bytes, input.element_size()));
     // one input-gradient buffer per block of pixels: blocks run in parallel and never share a buffer. The
     // extra buffers (block 0 writes gx itself) are capped at 256 MiB in all.
     const int64_t image_bytes = s.n * s.h * s.w * s.c * input.element_size();
@@ -357,28 +383,37 @@ std::vector<at::Tensor> deform_conv2d_backward(const at::Tensor& grad_out, const
           gx_ptrs.push_back(extra.back().data_ptr<scalar_t>());
         }
       }
-      const int64_t rows = std::min(step, p_total);
-      auto cols = need_weight ? at::empty({s.g, rows, s.k * s.cg}, input.options()) : at::Tensor();
-      auto grad_cols = need_cols_grad ? at::empty({s.g, rows, s.k * s.cg}, input.options()) : at::Tensor();
+      auto cols = column_buffer(step * s.wo, s, input.options());
       const scalar_t* xp = x.data_ptr<scalar_t>();
       const scalar_t* op = off.data_ptr<scalar_t>();
       const scalar_t* mp = msk.defined() ? msk.data_ptr<scalar_t>() : nullptr;
-      for (int64_t p0 = 0; p0 < p_total; p0 += step) {
-        const int64_t pc = std::min(step, p_total - p0);
-        auto go_c = go.narrow(0, p0, pc);
+      for (int64_t r0 = 0; r0 < rows; r0 += step) {
+        const int64_t rc = std::min(step, rows - r0), pc = rc * s.wo;
+        auto go_c = go.narrow(0, r0, rc);  // (rc, Wo, C_out)
+        auto go_img = go_c.permute({0, 2, 1}).unsqueeze(2);  // (rc, C_out, 1, Wo), channels-last
         if (need_weight) {  // the columns are recomputed rather than kept from the forward, as mmcv does
-          auto c = pc < rows ? at::empty({s.g, pc, s.k * s.cg}, input.options()) : cols;
-          im2col<scalar_t>(xp, op, mp, zero.data_ptr<scalar_t>(), s, p0, pc, c.data_ptr<scalar_t>());
-          for (int64_t g = 0; g < s.g; ++g) gw_mat[g].addmm_(go_c.narrow(1, g * s.og, s.og).t(), c[g]);
+          auto c = cols.narrow(0, 0, pc);
+          im2col<scalar_t>(xp, op, mp, zero.data_ptr<scalar_t>(), s, r0 * s.wo, pc, c.data_ptr<scalar_t>());
+          if (s.g == 1) {
+            gw.view({s.c_out, s.k * s.c}).addmm_(go_c.reshape({pc, s.c_out}).t(), c.view({pc, s.k * s.c}));
+          } else {
+            gw.add_(std::get<1>(at::convolution_backward(go_img, as_rows(c, s, rc), w_rows, c10::nullopt,
+                                                         {1, s.k}, {0, 0}, {1, 1}, false, {0, 0}, s.g,
+                                                         {false, true, false})));
+          }
         }
         if (need_cols_grad) {
-          auto gc = pc < rows ? at::empty({s.g, pc, s.k * s.cg}, input.options()) : grad_cols;
-          for (int64_t g = 0; g < s.g; ++g) {
-            auto gc_g = gc[g];
-            at::mm_out(gc_g, go_c.narrow(1, g * s.og, s.og), w_mat[g]);
+          at::Tensor gc;
+          if (use_conv) {
+            auto grad_img = std::get<0>(at::convolution_backward(go_img, as_rows(cols.narrow(0, 0, pc), s, rc),
+                                                                 w_rows, c10::nullopt, {1, s.k}, {0, 0}, {1, 1},
+                                                                 false, {0, 0}, s.g, {true, false, false}));
+            gc = grad_img.permute({0, 2, 3, 1}).contiguous();  // back to (Pc, K, C)
+          } else {
+            gc = at::mm(go_c.reshape({pc, s.c_out}), w_mat);
           }
-          col2im<scalar_t>(xp, op, mp, zero.data_ptr<scalar_t>(), s, p0, pc, gc.data_ptr<scalar_t>(), gx_ptrs,
-                           trash.data_ptr<scalar_t>(), need_offset ? goff.data_ptr<scalar_t>() : nullptr,
+          col2im<scalar_t>(xp, op, mp, zero.data_ptr<scalar_t>(), s, r0 * s.wo, pc, gc.data_ptr<scalar_t>(),
+                           gx_ptrs, trash.data_ptr<scalar_t>(), need_offset ? goff.data_ptr<scalar_t>() : nullptr,
                            need_mask ? gmask.data_ptr<scalar_t>() : nullptr);
         }
       }
@@ -388,7 +423,9 @@ std::vector<at::Tensor> deform_conv2d_backward(const at::Tensor& grad_out, const
   if (need_input) grad_input = gx.permute({0, 3, 1, 2});
   if (need_offset) grad_offset = goff.permute({0, 3, 1, 2});
   if (need_mask) grad_mask = gmask.permute({0, 3, 1, 2});
-  if (need_weight) grad_weight = gw_mat.view({s.c_out, s.kh, s.kw, s.cg}).permute({0, 3, 1, 2});
+  if (need_weight) {
+    grad_weight = s.g == 1 ? swap_last2(gw).view({s.c_out, s.c, s.kh, s.kw}) : gw.view({s.c_out, s.c / s.g, s.kh, s.kw});
+  }
   return {grad_input, grad_offset, grad_mask, grad_weight, grad_bias};
 }
 
