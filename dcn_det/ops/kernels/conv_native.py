@@ -25,10 +25,6 @@ from . import conv_public, extension
 
 CPU_KERNELS = ('compiled', 'public')
 
-# How the compiled kernel runs its GEMMs: 'conv' (oneDNN, through at::conv2d on the columns viewed as rows
-# of a 1xK-kernel, stride-K image), 'mm' (at::mm) or 'auto' (see _use_conv).
-GEMM = 'auto'
-
 # Upper bound on one column buffer (P_chunk x K*C); tests lower it to force chunking. Measured fastest
 # among 4..64 MiB on CPU: larger buffers are mapped and page-faulted afresh on every call.
 CHUNK_BYTES = 16 * 2**20
@@ -99,12 +95,6 @@ def _geometry(input: Tensor, weight: Tensor, stride: Sequence[int], padding: Seq
     return Geometry(tuple(stride), tuple(padding), tuple(dilation), groups, offset_groups, (h_out, w_out))
 
 
-def _use_conv(input: Tensor, geom: Geometry) -> bool:
-    if GEMM != 'auto':
-        return GEMM == 'conv'
-    return True
-
-
 def _use_compiled(t: Tensor) -> bool:
     return t.device.type == 'cpu' and cpu_kernel() == 'compiled'
 
@@ -122,7 +112,7 @@ def deform_conv2d_op(input: Tensor, offset: Tensor, mask: Optional[Tensor], weig
     with torch.autocast(input.device.type, enabled=False):
         if _use_compiled(input):
             out = extension.load().deform_conv2d_forward(*args, *geom.stride, *geom.padding, *geom.dilation,
-                                                         groups, offset_groups, CHUNK_BYTES, _use_conv(input, geom))
+                                                         groups, offset_groups, CHUNK_BYTES)
         else:
             out = conv_public.forward(*args, geom, CHUNK_BYTES)
     return out.to(input.dtype).contiguous(memory_format=memory_format(input))
@@ -152,7 +142,7 @@ def deform_conv2d_backward_op(grad_out: Tensor, input: Tensor, offset: Tensor, m
         if _use_compiled(input):
             grads = extension.load().deform_conv2d_backward(
                 grad_out.to(dtype), *args, bias is not None, *geom.stride, *geom.padding, *geom.dilation, groups,
-                offset_groups, CHUNK_BYTES, _use_conv(input, geom), needs)
+                offset_groups, CHUNK_BYTES, needs)
         else:
             grads = conv_public.backward(grad_out.to(dtype), *args, geom, needs, CHUNK_BYTES)
     like = (input, offset, mask, weight, bias)

@@ -1,5 +1,7 @@
 // Deformable convolution (DCNv1 / DCNv2) on the CPU: bilinear im2col, the GEMMs through ATen's convolution
-// and matmul, and a fused col2im that also produces the offset and mask gradients. Public ATen API only.
+// (oneDNN) and matmul, and a fused col2im that also produces the offset and mask gradients. Public ATen API
+// only. (On AMD CPUs MKL's sgemm, behind at::mm, does not use AVX-512; oneDNN's convolution does, and it is
+// a GEMM when the columns are seen as rows of an image convolved by a 1xK kernel with stride K.)
 //
 // Semantics are mmcv's (modulated_deform_conv / deform_conv CPU and CUDA kernels): a sample at (h, w)
 // counts only when -1 < h < H and -1 < w < W; it reads the corners (floor(h), floor(w)) .. +1, a corner
@@ -290,7 +292,7 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input, const at::Tensor& offs
                                  const c10::optional<at::Tensor>& mask, const at::Tensor& weight,
                                  const c10::optional<at::Tensor>& bias, int64_t sh, int64_t sw, int64_t ph,
                                  int64_t pw, int64_t dh, int64_t dw, int64_t groups, int64_t offset_groups,
-                                 int64_t chunk_bytes, bool use_conv) {
+                                 int64_t chunk_bytes) {
   check_inputs(input, offset, mask, weight, bias);
   const Geometry s = geometry(input, weight, sh, sw, ph, pw, dh, dw, groups, offset_groups);
   auto out = at::empty({s.n, s.ho, s.wo, s.c_out}, input.options());
@@ -299,9 +301,7 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input, const at::Tensor& offs
   auto x = input.permute({0, 2, 3, 1}).contiguous();
   auto off = offset.permute({0, 2, 3, 1}).contiguous();
   at::Tensor msk = mask ? mask->permute({0, 2, 3, 1}).contiguous() : at::Tensor();
-  use_conv = use_conv || s.g > 1;
   auto w_rows = weight_rows(weight, s);
-  auto w_mat = use_conv ? at::Tensor() : w_rows.permute({0, 2, 3, 1}).reshape({s.c_out, s.k * s.c});  // (k, c)
   auto out_rows = out.view({rows, s.wo, s.c_out});
   const int64_t step = std::min(rows, rows_per_chunk(s, chunk_bytes, input.element_size()));
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_det_deform_conv2d_forward", [&] {
@@ -313,18 +313,11 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input, const at::Tensor& offs
       im2col<scalar_t>(x.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(),
                        msk.defined() ? msk.data_ptr<scalar_t>() : nullptr, zero.data_ptr<scalar_t>(), s, r0 * s.wo,
                        rc * s.wo, c.data_ptr<scalar_t>());
-      auto o = out_rows.narrow(0, r0, rc).view({rc * s.wo, s.c_out});
-      if (use_conv) {  // (rc, C_out, 1, Wo), channels-last: rows of output pixels
-        const std::vector<int64_t> stride{1, s.k}, pad{0, 0}, dil{1, 1};
-        o.copy_(at::conv2d(as_rows(c, s, rc), w_rows, bias, at::IntArrayRef(stride), at::IntArrayRef(pad),
-                           at::IntArrayRef(dil), s.g)
-                    .permute({0, 2, 3, 1})
-                    .reshape({rc * s.wo, s.c_out}));
-      } else if (bias) {
-        at::addmm_out(o, *bias, c.view({rc * s.wo, s.k * s.c}), w_mat.t());
-      } else {
-        at::mm_out(o, c.view({rc * s.wo, s.k * s.c}), w_mat.t());
-      }
+      // (rc, C_out, 1, Wo) in channels-last memory: the chunk's rows of output pixels
+      const std::vector<int64_t> stride{1, s.k}, pad{0, 0}, dil{1, 1};
+      auto o = at::conv2d(as_rows(c, s, rc), w_rows, bias, at::IntArrayRef(stride), at::IntArrayRef(pad),
+                          at::IntArrayRef(dil), s.g);
+      out_rows.narrow(0, r0, rc).copy_(o.permute({0, 2, 3, 1}).view({rc, s.wo, s.c_out}));
     }
   });
   return out.permute({0, 3, 1, 2});
@@ -335,7 +328,7 @@ std::vector<at::Tensor> deform_conv2d_backward(const at::Tensor& grad_out, const
                                                const at::Tensor& offset, const c10::optional<at::Tensor>& mask,
                                                const at::Tensor& weight, bool has_bias, int64_t sh, int64_t sw,
                                                int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t groups,
-                                               int64_t offset_groups, int64_t chunk_bytes, bool use_conv,
+                                               int64_t offset_groups, int64_t chunk_bytes,
                                                std::vector<bool> needs) {
   check_inputs(input, offset, mask, weight, c10::nullopt);
   TORCH_CHECK(needs.size() == 5, "needs: input, offset, mask, weight, bias");
@@ -350,11 +343,10 @@ std::vector<at::Tensor> deform_conv2d_backward(const at::Tensor& grad_out, const
   auto x = input.permute({0, 2, 3, 1}).contiguous();
   auto off = offset.permute({0, 2, 3, 1}).contiguous();
   at::Tensor msk = mask ? mask->permute({0, 2, 3, 1}).contiguous() : at::Tensor();
-  use_conv = use_conv || s.g > 1;
   auto w_rows = weight_rows(weight, s);
-  auto w_mat = use_conv ? at::Tensor() : w_rows.permute({0, 2, 3, 1}).reshape({s.c_out, s.k * s.c});
   // weight gradient as (C_out, K, C) (the column layout), for one GEMM per chunk when groups == 1
-  at::Tensor gw = need_weight ? at::zeros(s.g == 1 ? at::IntArrayRef{s.c_out, s.k, s.c}
+  // (the first chunk writes it, the others add)
+  at::Tensor gw = need_weight ? at::empty(s.g == 1 ? at::IntArrayRef{s.c_out, s.k, s.c}
                                                    : at::IntArrayRef{s.c_out, s.c / s.g, 1, s.k},
                                           input.options())
                               : at::Tensor();
@@ -395,23 +387,20 @@ std::vector<at::Tensor> deform_conv2d_backward(const at::Tensor& grad_out, const
           auto c = cols.narrow(0, 0, pc);
           im2col<scalar_t>(xp, op, mp, zero.data_ptr<scalar_t>(), s, r0 * s.wo, pc, c.data_ptr<scalar_t>());
           if (s.g == 1) {
-            gw.view({s.c_out, s.k * s.c}).addmm_(go_c.reshape({pc, s.c_out}).t(), c.view({pc, s.k * s.c}));
+            auto gw2d = gw.view({s.c_out, s.k * s.c});
+            gw2d.addmm_(go_c.reshape({pc, s.c_out}).t(), c.view({pc, s.k * s.c}), r0 > 0 ? 1 : 0);
           } else {
-            gw.add_(std::get<1>(at::convolution_backward(go_img, as_rows(c, s, rc), w_rows, c10::nullopt,
-                                                         {1, s.k}, {0, 0}, {1, 1}, false, {0, 0}, s.g,
-                                                         {false, true, false})));
+            auto part = std::get<1>(at::convolution_backward(go_img, as_rows(c, s, rc), w_rows, c10::nullopt,
+                                                             {1, s.k}, {0, 0}, {1, 1}, false, {0, 0}, s.g,
+                                                             {false, true, false}));
+            r0 > 0 ? gw.add_(part) : gw.copy_(part);
           }
         }
         if (need_cols_grad) {
-          at::Tensor gc;
-          if (use_conv) {
-            auto grad_img = std::get<0>(at::convolution_backward(go_img, as_rows(cols.narrow(0, 0, pc), s, rc),
-                                                                 w_rows, c10::nullopt, {1, s.k}, {0, 0}, {1, 1},
-                                                                 false, {0, 0}, s.g, {true, false, false}));
-            gc = grad_img.permute({0, 2, 3, 1}).contiguous();  // back to (Pc, K, C)
-          } else {
-            gc = at::mm(go_c.reshape({pc, s.c_out}), w_mat);
-          }
+          auto grad_img = std::get<0>(at::convolution_backward(go_img, as_rows(cols.narrow(0, 0, pc), s, rc),
+                                                               w_rows, c10::nullopt, {1, s.k}, {0, 0}, {1, 1}, false,
+                                                               {0, 0}, s.g, {true, false, false}));
+          auto gc = grad_img.permute({0, 2, 3, 1}).contiguous();  // back to (Pc, K, C)
           col2im<scalar_t>(xp, op, mp, zero.data_ptr<scalar_t>(), s, r0 * s.wo, pc, gc.data_ptr<scalar_t>(),
                            gx_ptrs, trash.data_ptr<scalar_t>(), need_offset ? goff.data_ptr<scalar_t>() : nullptr,
                            need_mask ? gmask.data_ptr<scalar_t>() : nullptr);
@@ -420,6 +409,7 @@ std::vector<at::Tensor> deform_conv2d_backward(const at::Tensor& grad_out, const
       for (auto& e : extra) gx_sink.add_(e);
     });
   }
+  if (need_weight && rows == 0) gw.zero_();  // an empty batch: no chunk wrote it
   if (need_input) grad_input = gx.permute({0, 3, 1, 2});
   if (need_offset) grad_offset = goff.permute({0, 3, 1, 2});
   if (need_mask) grad_mask = gmask.permute({0, 3, 1, 2});
