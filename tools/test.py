@@ -6,6 +6,10 @@ belongs to another model is refused with the keys that differ. ``--trust-checkpo
 checkpoint that pickles Python objects (it can run code: only for files you trust). The AP table is
 printed and written to ``<work_dir>/test_metrics.json``; ``--show-dir`` paints detections; ``--out``
 dumps raw predictions (.pkl).
+
+``--onnx MODEL.onnx`` evaluates a file written by ``tools/export_onnx.py`` in onnxruntime instead, on the
+same dataloader, metrics, hooks and metrics file (which then names the ONNX file). It is refused, both
+sides named, unless its classes, input preparation and source checkpoint are CONFIG's and CHECKPOINT's.
 """
 import argparse
 import json
@@ -31,6 +35,7 @@ def parse_args(argv=None):
                         help='allow a checkpoint that pickles Python objects (can run code)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, key=value (mmengine syntax)')
+    parser.add_argument('--onnx', metavar='MODEL.onnx', help='evaluate this exported model in onnxruntime')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     return parser.parse_args(argv)
@@ -49,6 +54,7 @@ def main(argv=None) -> dict:
                 raise UsageError(f'--out {args.out!r} exists: remove it or choose another path')
         cfg = load_config(args.config, args.cfg_options, args.work_dir)
         check_data(cfg, 'test')
+        onnx = onnx_model(args, cfg) if args.onnx else None
         cfg.launcher = args.launcher
         ckpt = load_checkpoint_file(args.checkpoint, trust=args.trust_checkpoint)
         state = ckpt.get('state_dict', ckpt)
@@ -61,6 +67,8 @@ def main(argv=None) -> dict:
         runner = build_runner(cfg)
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         load_state_dict_strict(model, state, f'checkpoint {args.checkpoint!r}')
+        if onnx is not None:
+            runner.model = onnx  # the test loop calls runner.model.test_step: now onnxruntime's
     except (UsageError, CheckpointLoadError) as e:
         fail(str(e))
     if args.out is not None:
@@ -72,10 +80,27 @@ def main(argv=None) -> dict:
         print('\n'.join([f'{"metric":<14}{"value":>8}'] + [f'{k:<14}{v:>8.3f}' for k, v in rows]))
         out = osp.join(cfg.work_dir, 'test_metrics.json')
         with open(out, 'w') as f:
-            json.dump({'config': args.config, 'checkpoint': args.checkpoint,
+            json.dump({'config': args.config, 'checkpoint': args.checkpoint, 'onnx': args.onnx,
                        'metrics': {k: float(v) for k, v in metrics.items()}}, f, indent=2)
         print(f'metrics written to {out}')
     return metrics
+
+
+def onnx_model(args, cfg):
+    """The ONNX file as a model mmengine's test loop can run, once it is known to belong to cfg."""
+    from dcn_det.deploy import ModelMismatchError, OnnxDetector, onnx_eval_model
+
+    if args.launcher != 'none':
+        raise UsageError('--onnx runs in one process: drop --launcher')
+    try:
+        detector = OnnxDetector(args.onnx)
+        detector.check_matches(cfg, args.config, args.checkpoint)
+    except (FileNotFoundError, ModelMismatchError) as e:
+        raise UsageError(str(e)) from None
+    problem = detector.shape_problem()
+    if problem:
+        raise UsageError(problem)
+    return onnx_eval_model(detector)
 
 
 if __name__ == '__main__':

@@ -70,7 +70,7 @@ def check_dtypes(input: Tensor, **others: Optional[Tensor]) -> None:
 
 def check_finite(t: Optional[Tensor], name: str) -> None:
     """The non-finite policy (module docstring). A no-op while torch.compile traces."""
-    if t is None or t.numel() == 0 or torch.compiler.is_compiling():
+    if t is None or torch.compiler.is_compiling() or t.numel() == 0:
         return
     finite = torch.isfinite(t)
     if bool(finite.all()):

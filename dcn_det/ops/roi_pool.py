@@ -131,7 +131,7 @@ def check_args(input: Tensor, rois: Tensor, offset: Optional[Tensor], output_siz
         raise ValueError(f'spatial_scale must be a number > 0 (feature size / image size), got {spatial_scale!r}')
     check_finite(rois, 'rois')
     check_finite(offset, 'offset')
-    if k > 0:
+    if not torch.compiler.is_compiling() and k > 0:  # reads values (and sizes): not while compile / export traces
         if h == 0 or w == 0:
             raise ValueError(f'input has an empty spatial size ({h}, {w}) but there are {k} RoIs')
         index = rois[:, 0].detach()
@@ -191,4 +191,4 @@ def _torchvision_deform_roi_pool(input: Tensor, rois: Tensor, offset: Optional[T
                             (start_x + 0.5) / spatial_scale, (start_y + 0.5) / spatial_scale,
                             (start_x + bin_w + 0.5) / spatial_scale, (start_y + bin_h + 0.5) / spatial_scale], -1)
     out = roi_align(input, bin_rois.view(-1, 5), 1, spatial_scale, sampling_ratio, aligned=True)
-    return out.view(k, ph, pw, -1).permute(0, 3, 1, 2)
+    return out.view(k, ph, pw, input.shape[1]).permute(0, 3, 1, 2)

@@ -1,0 +1,33 @@
+"""Deployment: a dcn_det (or mmdet) Faster R-CNN as one standard ONNX file, and runners for images.
+
+Layering: this package uses ``dcn_det.ops``/``dcn_det.models``, mmdet, torch/torchvision and onnx,
+onnxscript, onnxruntime; nothing below it imports it. The tools ``export_onnx.py``, ``infer.py`` and
+``test.py --onnx`` are thin command lines over it.
+"""
+from .detections import Detections, count_unmatched
+from .detector import (
+                       INPUT_NAMES,
+                       OUTPUT_NAMES,
+                       DeployableDetector,
+                       NotExportableError,
+                       check_exportable,
+                       export_kernels,
+)
+from .export import META, MIN_OPSET, ExportResult, check_standard, config_classes, export_onnx, read_metadata
+from .preprocess import (
+                       ConfigNotDeployableError,
+                       ImageReadError,
+                       InputSpec,
+                       find_images,
+                       make_batch,
+                       prepare,
+                       read_image,
+)
+from .runners import ModelMismatchError, OnnxDetector, TorchDetector, onnx_eval_model
+from .translations import CUSTOM_TRANSLATIONS
+
+__all__ = ['CUSTOM_TRANSLATIONS', 'INPUT_NAMES', 'META', 'MIN_OPSET', 'OUTPUT_NAMES', 'ConfigNotDeployableError',
+           'DeployableDetector', 'Detections', 'ExportResult', 'ImageReadError', 'InputSpec', 'ModelMismatchError',
+           'NotExportableError', 'OnnxDetector', 'TorchDetector', 'check_exportable', 'check_standard',
+           'config_classes', 'count_unmatched', 'export_kernels', 'export_onnx', 'find_images', 'make_batch',
+           'onnx_eval_model', 'prepare', 'read_image', 'read_metadata']

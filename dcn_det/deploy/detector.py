@@ -1,0 +1,376 @@
+"""A tensor-in, tensors-out Faster R-CNN around an mmdet two-stage detector, traceable for ONNX export.
+
+mmdet's ``predict`` takes and returns ``DetDataSample`` objects and loops over images in Python;
+:class:`DeployableDetector` computes the same detections from three tensors, for a whole batch at
+once, with operators that ``torch.onnx.export(..., dynamo=True)`` maps to standard ONNX ops. It owns
+no weights: it calls the detector's own backbone, neck, RPN head, RoI extractor layers and bbox head,
+so every checkpoint that loads into the detector exports.
+
+Post-processing follows mmdet 3.3 step by step (``RPNHead._predict_by_feat_single``,
+``BBoxHead._predict_by_feat_single``, ``multiclass_nms``, mmcv's ``batched_nms``): per-level top
+``nms_pre`` RPN scores, ``delta2bbox`` with clipping to the resized image, ``min_bbox_size``, NMS per
+level, ``max_per_img`` proposals; RoI level mapping; class-specific decoding, clipping, rescaling to
+original pixels (before NMS, as mmdet does), ``score_thr``, class-aware NMS, ``max_per_img``. NMS uses
+mmcv's coordinate offset per group (``group * (max_coordinate + 1)``) with torchvision's ``nms``,
+which exports to ``NonMaxSuppression``. A group is (image, class) here, so with one image per batch
+the boxes that meet in NMS are offset exactly as mmdet offsets them.
+
+Where batching differs from mmdet's loop: proposals of all images are scored together and kept per
+image by rank (the same set), and the RoI head sees them in score order, not image order (its output
+per RoI does not depend on the order).
+"""
+import inspect
+import math
+import re
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from .preprocess import InputSpec
+
+INPUT_NAMES = ('images', 'img_shapes', 'scale_factors')
+OUTPUT_NAMES = ('boxes', 'scores', 'labels', 'num_dets')
+
+
+class NotExportableError(ValueError):
+    """A part of the model that cannot be exported; the message names the layer, why, and the fix."""
+
+
+class DeployableDetector(nn.Module):
+    """Faster R-CNN from pixels to detections in original-image pixels, for a batch.
+
+    Args:
+        detector (nn.Module): an mmdet ``TwoStageDetector`` with an ``RPNHead`` and a ``StandardRoIHead``
+            (bbox only), e.g. any dcn_det config's model; checked by :func:`check_exportable`.
+        spec (InputSpec): the normalisation (and padding value) applied inside.
+
+    Inputs:
+        images (Tensor[N, 3, H, W], float32): pixel values 0-255 in the channel order the config loads
+            (BGR from cv2), each image resized by the config's test pipeline and placed at the top left;
+            H and W multiples of ``spec.pad_size_divisor``. What lies outside an image is ignored.
+        img_shapes (Tensor[N, 2], float32): (h, w) of each resized image inside the batch.
+        scale_factors (Tensor[N, 2], float64): (w_scale, h_scale) from the original image to the resized
+            one (mmdet's ``scale_factor``). Double, as mmdet holds it: boxes are rescaled by its reciprocal
+            rounded to float32, exactly as mmdet rescales them.
+
+    Outputs, K = ``test_cfg.rcnn.max_per_img``, each image's detections first, by falling score:
+        boxes (Tensor[N, K, 4], float32): (x1, y1, x2, y2) in original-image pixels; 0 past ``num_dets``.
+        scores (Tensor[N, K], float32): 0 past ``num_dets``.
+        labels (Tensor[N, K], int64): class indices into the config's classes; -1 past ``num_dets``.
+        num_dets (Tensor[N], int64): detections of each image.
+    """
+
+    def __init__(self, detector: nn.Module, spec: InputSpec) -> None:
+        super().__init__()
+        check_exportable(detector)
+        self.detector = detector
+        self.spec = spec
+        self.register_buffer('mean', torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def max_per_img(self) -> int:
+        return int(self.detector.roi_head.test_cfg.max_per_img)
+
+    def forward(self, images: Tensor, img_shapes: Tensor, scale_factors: Tensor) -> tuple[Tensor, ...]:
+        x = self.normalise(images, img_shapes)
+        feats = self.detector.extract_feat(x)
+        rois = self.proposals(feats, img_shapes)
+        return self.detect(feats, rois, img_shapes, scale_factors)
+
+    def normalise(self, images: Tensor, img_shapes: Tensor) -> Tensor:
+        """mmdet's ``DetDataPreprocessor``: channel flip, (x - mean) / std, padding set to ``pad_value``."""
+        if self.spec.bgr_to_rgb:
+            images = images[:, [2, 1, 0]]
+        x = (images - self.mean) / self.std
+        rows = torch.arange(x.shape[2], device=x.device, dtype=img_shapes.dtype)
+        cols = torch.arange(x.shape[3], device=x.device, dtype=img_shapes.dtype)
+        inside = (rows.view(1, -1, 1) < img_shapes[:, 0].view(-1, 1, 1)) & \
+                 (cols.view(1, 1, -1) < img_shapes[:, 1].view(-1, 1, 1))
+        return torch.where(inside.unsqueeze(1), x, x.new_tensor(self.spec.pad_value))
+
+    def proposals(self, feats: tuple[Tensor, ...], img_shapes: Tensor) -> Tensor:
+        """RPN proposals, ``Tensor[R, 5]`` (batch_index, x1, y1, x2, y2) in resized-image pixels."""
+        head = self.detector.rpn_head
+        cfg = head.test_cfg
+        cls_scores, bbox_preds = head(feats)
+        n = feats[0].shape[0]
+        priors = head.prior_generator.grid_priors([c.shape[-2:] for c in cls_scores], dtype=feats[0].dtype,
+                                                  device=feats[0].device)
+        scores, deltas, anchors, levels = [], [], [], []
+        for level, (cls, reg, prior) in enumerate(zip(cls_scores, bbox_preds, priors, strict=True)):
+            s = cls.permute(0, 2, 3, 1).reshape(n, -1, head.cls_out_channels)
+            s = (s.sigmoid() if head.use_sigmoid_cls else s.softmax(-1))[..., 0]
+            d = reg.permute(0, 2, 3, 1).reshape(n, -1, 4)
+            nms_pre = int(cfg.get('nms_pre', -1))
+            # mmdet sorts only a level with more than nms_pre anchors (order decides NMS among equal
+            # scores); a level of symbolic size is sorted whatever its size (and cut at nms_pre)
+            if nms_pre > 0 and (not isinstance(s.shape[1], int) or nms_pre < s.shape[1]):
+                s, idx = s.sort(dim=1, descending=True)
+                s, idx = s[:, :nms_pre], idx[:, :nms_pre]
+                d = d.gather(1, idx.unsqueeze(-1).expand(-1, -1, 4))
+                prior = prior[idx]
+            else:
+                prior = prior.expand(n, -1, -1)
+            scores.append(s)
+            deltas.append(d)
+            anchors.append(prior)
+            levels.append(torch.full((s.shape[1],), level, dtype=torch.long, device=s.device))
+        boxes = decode_boxes(head.bbox_coder, torch.cat(anchors, 1), torch.cat(deltas, 1), img_shapes.unsqueeze(1))
+        scores = torch.cat(scores, 1).flatten()
+        batch = torch.arange(n, device=boxes.device).view(n, 1).expand(n, boxes.shape[1]).flatten()
+        groups = batch * len(levels) + torch.cat(levels).repeat(n)
+        boxes = boxes.reshape(-1, 4)
+        if cfg.get('min_bbox_size', -1) >= 0:
+            wh = boxes[:, 2:] - boxes[:, :2]
+            valid = ((wh[:, 0] > cfg.min_bbox_size) & (wh[:, 1] > cfg.min_bbox_size)).nonzero().squeeze(1)
+            boxes, scores, batch, groups = boxes[valid], scores[valid], batch[valid], groups[valid]
+        keep = batched_nms(boxes, scores, groups, float(cfg.nms.iou_threshold))
+        keep, _ = top_per_image(keep, batch[keep], n, int(cfg.max_per_img))
+        return torch.cat([batch[keep].unsqueeze(1).to(boxes.dtype), boxes[keep]], 1)
+
+    def extract_rois(self, feats: tuple[Tensor, ...], rois: Tensor) -> Tensor:
+        """mmdet's ``SingleRoIExtractor.forward`` without its data-dependent branch: each RoI goes to one
+        level (``map_roi_levels``) and is pooled by that level (``DeformRoIExtractor.pool_level``, else
+        the level's ``roi_layers`` entry). ``Tensor[R, C, ph, pw]``.
+
+        As in mmdeploy's rewrite of it, every level also pools two zero-size dummy RoIs (dropped after),
+        so that no layer ever runs on an empty set of RoIs in the exported graph.
+        """
+        extractor = self.detector.roi_head.bbox_roi_extractor
+        feats = feats[:extractor.num_inputs]
+        num_levels = len(feats)
+        dummies = 2 * num_levels
+        levels = torch.cat([torch.arange(num_levels, device=rois.device).repeat(2),
+                            extractor.map_roi_levels(rois, num_levels)])
+        rois = torch.cat([rois.new_zeros(dummies, 5), rois])
+        # DeformRoIExtractor.pool_level passes its shared offset predictor; mmdet's extractors call the layer
+        pool = getattr(extractor, 'pool_level', lambda level, feat, r: extractor.roi_layers[level](feat, r))
+        out = feats[0].new_zeros(rois.shape[0], extractor.out_channels, *extractor.roi_layers[0].output_size)
+        for level in range(num_levels):
+            inds = (levels == level).nonzero().squeeze(1)
+            torch._check(inds.shape[0] >= 2)  # the dummies: lets the exporter drop its empty-input cases
+            out[inds] = pool(level, feats[level], rois[inds]).to(out.dtype)
+        return out[dummies:]
+
+    def detect(self, feats: tuple[Tensor, ...], rois: Tensor, img_shapes: Tensor,
+               scale_factors: Tensor) -> tuple[Tensor, ...]:
+        """The RoI head and class-aware NMS; returns the four outputs (see the class docstring)."""
+        roi_head = self.detector.roi_head
+        head, cfg = roi_head.bbox_head, roi_head.test_cfg
+        x = self.extract_rois(feats, rois)
+        if roi_head.with_shared_head:
+            x = roi_head.shared_head(x)
+        cls_score, bbox_pred = head(x)
+        num_rois, num_classes = rois.shape[0], head.num_classes
+        batch = rois[:, 0].long()
+        deltas = bbox_pred.view(num_rois, bbox_pred.shape[1] // 4, 4)  # [R, C or 1 (class-agnostic), 4]
+        boxes = decode_boxes(head.bbox_coder, rois[:, 1:].unsqueeze(1), deltas, img_shapes[batch].unsqueeze(1))
+        boxes = boxes * (1 / scale_factors[batch]).float().repeat(1, 2).unsqueeze(1)  # back to original pixels
+        boxes = boxes.expand(num_rois, num_classes, 4).reshape(-1, 4)
+        scores = F.softmax(cls_score, dim=-1)[:, :num_classes].reshape(-1)
+        labels = torch.arange(num_classes, device=scores.device).repeat(num_rois)
+        batch = batch.repeat_interleave(num_classes)
+        valid = (scores > cfg.score_thr).nonzero().squeeze(1)
+        boxes, scores, labels, batch = boxes[valid], scores[valid], labels[valid], batch[valid]
+        keep = batched_nms(boxes, scores, batch * num_classes + labels, float(cfg.nms.iou_threshold))
+        n, k = scale_factors.shape[0], self.max_per_img
+        keep, rank = top_per_image(keep, batch[keep], n, k)
+        slot = batch[keep] * k + rank
+        out_boxes = boxes.new_zeros(n * k, 4)
+        out_scores = scores.new_zeros(n * k)
+        out_labels = labels.new_full((n * k,), -1)
+        out_boxes[slot] = boxes[keep]
+        out_scores[slot] = scores[keep]
+        out_labels[slot] = labels[keep]
+        num_dets = (batch[keep].unsqueeze(1) == torch.arange(n, device=batch.device)).sum(0)
+        return out_boxes.view(n, k, 4), out_scores.view(n, k), out_labels.view(n, k), num_dets
+
+
+def decode_boxes(coder: nn.Module, rois: Tensor, deltas: Tensor, max_shape: Tensor) -> Tensor:
+    """mmdet's ``delta2bbox`` for ``DeltaXYWHBBoxCoder``, with shapes broadcast instead of repeated.
+
+    rois (Tensor[..., 4]) and deltas (Tensor[..., 4]) broadcast together; max_shape (Tensor[..., 2]) is
+    each box's image (h, w), broadcastable likewise. Same arithmetic, in the same order, as mmdet's.
+    """
+    means, stds = deltas.new_tensor(coder.means), deltas.new_tensor(coder.stds)
+    denorm = deltas * stds + means
+    dxy, dwh = denorm[..., :2], denorm[..., 2:]
+    pxy = (rois[..., :2] + rois[..., 2:]) * 0.5
+    pwh = rois[..., 2:] - rois[..., :2]
+    dxy_wh = pwh * dxy
+    # the heads call decode() without wh_ratio_clip: its default applies
+    max_ratio = abs(math.log(inspect.signature(type(coder).decode).parameters['wh_ratio_clip'].default))
+    if coder.add_ctr_clamp:
+        dxy_wh = torch.clamp(dxy_wh, max=coder.ctr_clamp, min=-coder.ctr_clamp)
+        dwh = torch.clamp(dwh, max=max_ratio)
+    else:
+        dwh = dwh.clamp(min=-max_ratio, max=max_ratio)
+    gxy = pxy + dxy_wh
+    gwh = pwh * dwh.exp()
+    boxes = torch.cat([gxy - gwh * 0.5, gxy + gwh * 0.5], dim=-1)
+    if coder.clip_border:
+        wh = max_shape.flip(-1)
+        boxes = torch.minimum(boxes.clamp(min=0), torch.cat([wh, wh], -1))
+    return boxes
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
+    """mmcv's ``batched_nms``: NMS within each group, via one offset per group. Indices, by falling score.
+
+    Boxes of equal score are visited in the order of torch's (unstable) descending sort, as mmcv's NMS
+    kernel visits them: torchvision's kernel sorts stably, so it is handed them in that order.
+    """
+    order = scores.sort(descending=True)[1]
+    boxes, scores, groups = boxes[order], scores[order], groups[order]
+    max_coordinate = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max()
+    offsets = groups.to(boxes) * (max_coordinate + 1)
+    keep = torchvision.ops.nms(boxes + offsets.unsqueeze(1), scores, iou_threshold)
+    # tells the exporter what nms's data-dependent size is bounded by (it assumes any int64 otherwise)
+    torch._check(keep.shape[0] <= boxes.shape[0])
+    return order[keep]
+
+
+def top_per_image(keep: Tensor, batch: Tensor, num_images: int, k: int) -> tuple[Tensor, Tensor]:
+    """The first ``k`` of ``keep`` (sorted by falling score) for each image, and their rank in it."""
+    onehot = (batch.unsqueeze(1) == torch.arange(num_images, device=batch.device)).long()
+    rank = (onehot.cumsum(0) * onehot).sum(1) - 1
+    first = (rank < k).nonzero().squeeze(1)
+    return keep[first], rank[first]
+
+
+# ----------------------------------------------------------------------------------------------
+# what can be exported, and the switch to exportable kernels
+
+
+def check_exportable(detector: nn.Module) -> None:
+    """Raise :class:`NotExportableError` naming the first part of ``detector`` that cannot be exported."""
+    from mmcv.ops import RoIAlign
+    from mmdet.models.dense_heads import RPNHead
+    from mmdet.models.roi_heads import StandardRoIHead
+    from mmdet.models.roi_heads.bbox_heads import BBoxHead
+    from mmdet.models.task_modules import AnchorGenerator, DeltaXYWHBBoxCoder
+
+    def refuse(where: str, module: Optional[nn.Module], why: str) -> None:
+        kind = f' ({type(module).__name__})' if module is not None else ''
+        raise NotExportableError(f'cannot export {where}{kind}: {why}')
+
+    for part in ('backbone', 'rpn_head', 'roi_head'):
+        if getattr(detector, part, None) is None:
+            refuse('the model', detector, f'it has no {part}; only two-stage detectors with an RPN '
+                   '(Faster R-CNN) are exported')
+    rpn, roi_head = detector.rpn_head, detector.roi_head
+    if not isinstance(rpn, RPNHead):
+        refuse('model.rpn_head', rpn, 'only mmdet RPNHead is exported')
+    if type(rpn.prior_generator) is not AnchorGenerator:
+        refuse('model.rpn_head.prior_generator', rpn.prior_generator, 'only AnchorGenerator is exported')
+    if not isinstance(roi_head, StandardRoIHead):
+        refuse('model.roi_head', roi_head, 'only StandardRoIHead is exported')
+    if roi_head.with_mask:
+        refuse('model.roi_head.mask_head', roi_head.mask_head, 'masks are not exported (boxes only)')
+    head = roi_head.bbox_head
+    if not isinstance(head, BBoxHead) or getattr(head, 'custom_cls_channels', False):
+        refuse('model.roi_head.bbox_head', head, 'only BBoxHead with a softmax classifier is exported')
+    for where, coder in (('model.rpn_head.bbox_coder', rpn.bbox_coder),
+                         ('model.roi_head.bbox_head.bbox_coder', head.bbox_coder)):
+        if not isinstance(coder, DeltaXYWHBBoxCoder):
+            refuse(where, coder, 'only DeltaXYWHBBoxCoder is exported')
+    for where, cfg in (('model.test_cfg.rpn', rpn.test_cfg), ('model.test_cfg.rcnn', roi_head.test_cfg)):
+        if cfg is None or cfg.get('nms', {}).get('type', 'nms') != 'nms':
+            refuse(where, None, f"needs nms=dict(type='nms', iou_threshold=...), got {cfg and cfg.get('nms')}")
+    for name, module in detector.named_modules():
+        if isinstance(module, RoIAlign):
+            if module.pool_mode != 'avg':
+                refuse(name, module, "pool_mode='max' has no torchvision (hence ONNX) equivalent; use 'avg'")
+        elif _is_from(module, 'mmcv.ops') and not _is_from(module, 'dcn_det'):
+            refuse(name, module, f"mmcv's compiled op cannot be traced by the exporter; {_fix_for(module)}")
+
+
+def _is_from(module: nn.Module, package: str) -> bool:
+    return type(module).__module__.split('.')[0] == package.split('.')[0] and \
+        type(module).__module__.startswith(package)
+
+
+def _fix_for(module: nn.Module) -> str:
+    fixes = {
+        'ModulatedDeformConv2dPack': "build it as dcn_det's dcn=dict(type='MDConv') (same weights and keys)",
+        'DeformConv2dPack': "build it as dcn_det's dcn=dict(type='DConv') (same weights and keys)",
+        'ModulatedDeformRoIPoolPack': "use DeformRoIExtractor with roi_layer type='ModulatedDeformRoIPool'",
+        'DeformRoIPoolPack': "use DeformRoIExtractor with roi_layer type='DeformRoIPool'",
+    }
+    return fixes.get(type(module).__name__, 'replace it with a layer built from torch or torchvision ops')
+
+
+def exportable_layers(detector: nn.Module) -> dict[str, nn.Module]:
+    """dcn_det's deformable layers (modules of dcn_det with a ``backend``) and mmcv's RoIAlign layers."""
+    from mmcv.ops import RoIAlign
+
+    return {name: m for name, m in detector.named_modules()
+            if (_is_from(m, 'dcn_det') and hasattr(m, 'backend')) or isinstance(m, RoIAlign)}
+
+
+@contextmanager
+def export_kernels(detector: nn.Module) -> Iterator[None]:
+    """Run every deformable layer on torchvision's kernels (``backend='torchvision'``) and mmcv's RoIAlign
+    on torchvision's ``roi_align`` while inside; restored on exit.
+
+    torchvision's ``deform_conv2d`` exports to ONNX ``DeformConv`` (opset 19) and ``roi_align`` to
+    ``RoiAlign`` (opset 16); dcn_det's deformable RoI pooling computes each bin as a ``roi_align`` in
+    that backend, so it exports to ``RoiAlign`` too, with the same sampling rule.
+    """
+    saved = []
+    try:
+        for module in exportable_layers(detector).values():
+            if hasattr(module, 'backend'):
+                saved.append((module, 'backend', module.backend))
+                module.backend = 'torchvision'
+            else:
+                saved.append((module, 'use_torchvision', module.use_torchvision))
+                module.use_torchvision = True
+        yield
+    finally:
+        for module, attr, value in reversed(saved):
+            setattr(module, attr, value)
+
+
+@contextmanager
+def name_failing_layer(detector: nn.Module, action: str) -> Iterator[None]:
+    """Turn an exception raised inside a submodule into a :class:`NotExportableError` that names the
+    innermost submodule running at the time, and the exception's first line."""
+    names = {id(m): name for name, m in detector.named_modules() if name}
+    stack: list[nn.Module] = []
+    failing: list[nn.Module] = []
+
+    def enter(module, args):
+        if id(module) in names:
+            stack.append(module)
+
+    def leave(module, args, output):
+        if stack and stack[-1] is module:
+            stack.pop()
+
+    handles = [nn.modules.module.register_module_forward_pre_hook(enter),
+               nn.modules.module.register_module_forward_hook(leave)]
+    try:
+        yield
+    except NotExportableError:
+        raise
+    except Exception as e:
+        failing = stack[-1:]
+        root = e
+        while root.__cause__ is not None:  # the exporter wraps the error that says why
+            root = root.__cause__
+        lines = [re.sub(r'\x1b\[[0-9;]*m', '', line).strip() for line in str(root).splitlines()]
+        lines = [line for line in lines if line]
+        why = f'{type(root).__name__}: {lines[0] if lines else ""}'[:400]
+        if failing:
+            raise NotExportableError(f'cannot {action} {names[id(failing[0])]} ({type(failing[0]).__name__}): '
+                                     f'{why}') from e
+        raise NotExportableError(f'cannot {action} the model: {why}') from e
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,76 @@
+"""tools/export_onnx.py through its command line: a file that runs, and one-line refusals."""
+import json
+import re
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+from dcn_det.deploy import META
+from dcn_det.deploy.export import file_sha256
+from tests._helpers import REPO, write_tiny_shapes_config
+from tests.deploy._models import CLASSES, refused, write_checkpoint
+
+
+def tool(*args):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True)
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp('export')
+    cfg = write_tiny_shapes_config(root / 'tiny.py', root / 'data', CLASSES, base='shapes_r18_plain.py', image_size=64)
+    return cfg, write_checkpoint(cfg, root / 'tiny.pth')
+
+
+def test_exports_a_verified_file_with_its_metadata(tiny, tmp_path):
+    cfg, ckpt = tiny
+    out = tmp_path / 'tiny.onnx'
+    run = tool('tools/export_onnx.py', cfg, ckpt, out)
+    assert run.returncode == 0, run.stderr
+    assert 'opset 19, input images[1x3x64x64], 3 classes' in run.stdout
+    assert 'onnxruntime vs PyTorch on a test batch: same detections' in run.stdout
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta[META['classes']]) == list(CLASSES)
+    assert meta[META['config_path']] == cfg and meta[META['checkpoint_sha256']] == file_sha256(str(ckpt))
+    assert "'triangle'" in meta[META['config']] and "type='DCNResNet'" in meta[META['config']]
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--opset', '18'], r"^error: --opset 18 is refused: ONNX has DeformConv .* only from opset 19"),
+    (['--dynamic', '--batch-size', '2'], r'^error: --dynamic leaves batch size and shape free'),
+    (['--shape', '100', '64'], r"^error: --shape 100 64: height and width must be multiples .* --shape 128 64"),
+])
+def test_bad_options_are_refused_in_one_line(tiny, tmp_path, extra, message, capsys):
+    from tools.export_onnx import main
+
+    cfg, ckpt = tiny
+    err = refused(main, cfg, ckpt, tmp_path / 'x.onnx', *extra, capsys=capsys)
+    assert re.search(message, err), err
+    assert not (tmp_path / 'x.onnx').exists()
+
+
+def test_an_existing_output_is_never_overwritten(tiny, tmp_path, capsys):
+    from tools.export_onnx import main
+
+    cfg, ckpt = tiny
+    (tmp_path / 'x.onnx').write_text('keep me')
+    err = refused(main, cfg, ckpt, tmp_path / 'x.onnx', capsys=capsys)
+    assert "x.onnx' exists: remove it or choose another output path" in err
+    assert (tmp_path / 'x.onnx').read_text() == 'keep me'
+
+
+def test_a_layer_that_cannot_be_exported_is_named(tmp_path, capsys):
+    from tools.export_onnx import main
+
+    # mmdet's own ResNet with DCNv2 builds mmcv's compiled layer (R50: mmdet refuses DCN in R18 blocks)
+    cfg = write_tiny_shapes_config(
+        tmp_path / 'mmcv_dcn.py', tmp_path / 'data', CLASSES, base='shapes_r18_plain.py', image_size=64,
+        extra="model['backbone'].update(type='mmdet.ResNet', depth=50, stage_with_dcn=(False, True, True, True), "
+              "dcn=dict(_delete_=True, type='DCNv2', deform_groups=1))\n"
+              "model['neck'].update(in_channels=[32, 64, 128, 256])\n")
+    ckpt = write_checkpoint(cfg, tmp_path / 'm.pth')
+    err = refused(main, cfg, ckpt, tmp_path / 'x.onnx', capsys=capsys)
+    assert ("error: cannot export backbone.layer2.0.conv2 (ModulatedDeformConv2dPack): mmcv's compiled op cannot be "
+            "traced by the exporter; build it as dcn_det's dcn=dict(type='MDConv')") in err

@@ -1,0 +1,118 @@
+"""Export a trained detector to one ONNX file of standard operators.
+
+Usage::
+
+    python tools/export_onnx.py configs/shapes_r18_dcnv2.py work_dirs/shapes_r18_dcnv2/epoch_6.pth dcnv2.onnx
+    python tools/export_onnx.py CONFIG CHECKPOINT OUT.onnx --dynamic            # any batch size and image size
+    python tools/export_onnx.py CONFIG CHECKPOINT OUT.onnx --shape 800 1344     # fixed input H x W
+
+The whole detector goes into the file: backbone with its deformable convs (ONNX ``DeformConv``), FPN,
+RPN proposals with NMS, the RoI head with (modulated) deformable RoI pooling (``RoiAlign`` over
+offset bins, with the config's sampling ratio, adaptive included), box decoding and per-class NMS.
+Only standard ONNX domains are used (checked); opset 19 or newer (``DeformConv`` is opset 19).
+
+The file's contract (also written into its metadata, ``dcn_det.*`` keys, with the class names and the
+config it came from):
+
+- inputs: ``images float32[N, 3, H, W]``: pixels 0-255, BGR as cv2 reads them, each image resized as the
+  config's test pipeline resizes it and placed at the top left of the batch (the rest is ignored);
+  ``img_shapes float32[N, 2]``: (h, w) of each resized image; ``scale_factors float64[N, 2]``: (w, h)
+  scale from the original image (double, as mmdet keeps it, so that boxes are rescaled to the last bit
+  as mmdet rescales them). Normalisation (mean/std, BGR->RGB) happens inside the graph; resizing
+  and padding outside it (``dcn_det.deploy.prepare`` / ``make_batch`` do both exactly as mmdet does).
+- outputs: ``boxes float32[N, K, 4]`` (x1, y1, x2, y2) in original-image pixels, ``scores float32[N, K]``,
+  ``labels int64[N, K]``, ``num_dets int64[N]``; K is the config's ``test_cfg.rcnn.max_per_img`` and
+  rows past ``num_dets[i]`` are padding.
+
+By default the input has a fixed shape: batch 1 (``--batch-size``) and the smallest padded size that
+holds every image the config's resize makes (square for a keep-ratio resize, e.g. 320x320 for the demo,
+1344x1344 for COCO's 1333x800); ``--shape H W`` fixes another, ``--dynamic`` leaves N, H and W free.
+A fixed-size model pads every image to that size, mmdet pads a batch to its largest image: a few RPN
+anchors then lie in different padding, so detections can differ slightly; ``--dynamic`` reproduces mmdet.
+
+After writing, the file is run once in onnxruntime on a test batch and compared with PyTorch.
+Use it with ``tools/infer.py CONFIG CHECKPOINT IMAGES --onnx OUT.onnx`` and
+``tools/test.py CONFIG CHECKPOINT --onnx OUT.onnx`` (both refuse a config it was not exported from).
+"""
+import argparse
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from dcn_det.checkpoint import CheckpointLoadError  # noqa: E402
+from dcn_det.cli import DictAction, UsageError, fail, load_config  # noqa: E402
+
+
+def parse_args(argv=None):
+    from dcn_det.deploy.export import DEFAULT_OPSET
+
+    parser = argparse.ArgumentParser(description='Export a detector to ONNX (standard operators only)')
+    parser.add_argument('config', help='detector config file')
+    parser.add_argument('checkpoint', help='checkpoint of that detector')
+    parser.add_argument('out', help='.onnx file to write (must not exist)')
+    parser.add_argument('--opset', type=int, default=DEFAULT_OPSET,
+                        help='ONNX opset, 19 or newer (default %(default)s)')
+    parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
+                        help='fixed input height and width, multiples of the pad divisor (default: holds every '
+                             'resized image)')
+    parser.add_argument('--dynamic', action='store_true', help='dynamic batch size, height and width')
+    parser.add_argument('--batch-size', type=int, default=1, help='fixed batch size (default 1; not with --dynamic)')
+    parser.add_argument('--no-verify', action='store_true', help='skip the onnxruntime vs PyTorch check')
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help='allow a checkpoint that pickles Python objects (can run code)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, key=value (mmengine syntax)')
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    from dcn_det.deploy import (
+        MIN_OPSET,
+        ConfigNotDeployableError,
+        InputSpec,
+        NotExportableError,
+        config_classes,
+        export_onnx,
+    )
+    from dcn_det.deploy.runners import load_detector
+
+    args = parse_args(argv)
+    try:
+        if not args.out.endswith('.onnx'):
+            raise UsageError(f'{args.out!r} must end in .onnx')
+        if osp.exists(args.out):
+            raise UsageError(f'{args.out!r} exists: remove it or choose another output path')
+        if args.opset < MIN_OPSET:
+            raise UsageError(f'--opset {args.opset} is refused: ONNX has DeformConv (deformable convolution) only '
+                             f'from opset {MIN_OPSET}; below it torch writes a model that the ONNX checker and '
+                             f'onnxruntime reject. Use --opset {MIN_OPSET} or newer')
+        if args.dynamic and (args.batch_size != 1 or args.shape):
+            raise UsageError('--dynamic leaves batch size and shape free: drop --batch-size/--shape')
+        if args.batch_size < 1:
+            raise UsageError(f'--batch-size must be >= 1, got {args.batch_size}')
+        cfg = load_config(args.config, args.cfg_options)
+        spec = InputSpec.from_config(cfg)
+        classes = config_classes(cfg)
+        model = load_detector(cfg, args.checkpoint, trust=args.trust_checkpoint)
+        result = export_onnx(model, spec, args.out, classes=classes, config_text=cfg.pretty_text,
+                             config_path=args.config, checkpoint=args.checkpoint, opset=args.opset,
+                             shape=args.shape, dynamic=args.dynamic, batch_size=args.batch_size,
+                             verify=not args.no_verify)
+    except (UsageError, CheckpointLoadError, ConfigNotDeployableError, NotExportableError, ValueError) as e:
+        fail(str(e))
+    shape = 'x'.join('?' if s is None else str(s) for s in result.input_shape)
+    size = osp.getsize(args.out) / 2**20
+    print(f'wrote {args.out} ({size:.1f} MiB): opset {result.opset}, input images[{shape}], '
+          f'{len(classes)} classes; operators: {", ".join(result.op_types)}')
+    if result.max_abs_diff:
+        diffs = ', '.join(f'{k} {v:.2g}' for k, v in result.max_abs_diff.items())
+        verdict = 'same detections' if result.same_detections else 'DIFFERENT detections'
+        print(f'onnxruntime vs PyTorch on a test batch: {verdict}; max |difference|: {diffs}')
+        if not result.same_detections:
+            print('warning: onnxruntime and PyTorch disagree on the test batch (see above)', file=sys.stderr)
+    return result
+
+
+if __name__ == '__main__':
+    main()
