@@ -162,25 +162,33 @@ Geometry geometry(const at::Tensor& input, const at::Tensor& weight, int64_t sh,
   return s;
 }
 
+// Calls f(dg, k, sample index, sample, mask value) for every sample of output pixel gp (over N*Ho*Wo).
+template <typename T, typename F>
+inline void for_each_sample(const T* x, const T* offset, const T* mask, const T* zero, const Geometry& s, int64_t gp,
+                            F&& f) {
+  const int64_t hw_out = s.ho * s.wo, n = gp / hw_out, y = (gp % hw_out) / s.wo, xo = gp % s.wo;
+  const T* off = offset + gp * s.dg * s.k * 2;
+  const T* m = mask ? mask + gp * s.dg * s.k : nullptr;
+  for (int64_t dg_i = 0; dg_i < s.dg; ++dg_i) {
+    for (int64_t ki = 0; ki < s.k; ++ki) {
+      const int64_t si = dg_i * s.k + ki;
+      f(dg_i, ki, si, sample(x, zero, s, n, y, xo, ki, dg_i, off[2 * si], off[2 * si + 1]), m ? m[si] : T(1));
+    }
+  }
+}
+
 // cols (Pc, K, C) of the output pixels [p0, p0 + pc)
 template <typename T>
 void im2col(const T* x, const T* offset, const T* mask, const T* zero, const Geometry& s, int64_t p0, int64_t pc,
             T* cols) {
-  const int64_t hw_out = s.ho * s.wo;
   at::parallel_for(0, pc, 16, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      const int64_t gp = p0 + p, n = gp / hw_out, y = (gp % hw_out) / s.wo, xo = gp % s.wo;
-      const T* off = offset + gp * s.dg * s.k * 2;
-      const T* m = mask ? mask + gp * s.dg * s.k : nullptr;
-      for (int64_t dg_i = 0; dg_i < s.dg; ++dg_i) {
-        for (int64_t ki = 0; ki < s.k; ++ki) {
-          const int64_t si = dg_i * s.k + ki;
-          const Sample<T> smp = sample(x, zero, s, n, y, xo, ki, dg_i, off[2 * si], off[2 * si + 1]);
-          const T scale = m ? m[si] : T(1);
-          bilinear4(cols + (p * s.k + ki) * s.c + dg_i * s.cd, smp.row[0], smp.row[1], smp.row[2], smp.row[3],
-                    smp.weight[0] * scale, smp.weight[1] * scale, smp.weight[2] * scale, smp.weight[3] * scale, s.cd);
-        }
-      }
+      for_each_sample(x, offset, mask, zero, s, p0 + p,
+                      [&](int64_t dg_i, int64_t ki, int64_t, const Sample<T>& smp, T scale) {
+                        bilinear4(cols + (p * s.k + ki) * s.c + dg_i * s.cd, smp.row[0], smp.row[1], smp.row[2],
+                                  smp.row[3], smp.weight[0] * scale, smp.weight[1] * scale, smp.weight[2] * scale,
+                                  smp.weight[3] * scale, s.cd);
+                      });
     }
   });
 }
@@ -190,7 +198,6 @@ void im2col(const T* x, const T* offset, const T* mask, const T* zero, const Geo
 template <typename T>
 void col2im(const T* x, const T* offset, const T* mask, const T* zero, const Geometry& s, int64_t p0, int64_t pc,
             const T* grad_cols, const std::vector<T*>& grad_x, T* trash, T* grad_offset, T* grad_mask) {
-  const int64_t hw_out = s.ho * s.wo;
   const int64_t blocks = static_cast<int64_t>(grad_x.size());
   const int64_t step = (pc + blocks - 1) / blocks;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -198,36 +205,30 @@ void col2im(const T* x, const T* offset, const T* mask, const T* zero, const Geo
       T* gx = grad_x[b];
       T* bin = trash + b * 4 * s.cd;  // where the corners outside the image write
       for (int64_t p = b * step; p < std::min(pc, (b + 1) * step); ++p) {
-        const int64_t gp = p0 + p, n = gp / hw_out, y = (gp % hw_out) / s.wo, xo = gp % s.wo;
-        const T* off = offset + gp * s.dg * s.k * 2;
-        const T* m = mask ? mask + gp * s.dg * s.k : nullptr;
-        for (int64_t dg_i = 0; dg_i < s.dg; ++dg_i) {
-          for (int64_t ki = 0; ki < s.k; ++ki) {
-            const int64_t si = dg_i * s.k + ki;
-            const Sample<T> smp = sample(x, zero, s, n, y, xo, ki, dg_i, off[2 * si], off[2 * si + 1]);
-            const T scale = m ? m[si] : T(1);
-            T dots[4] = {0, 0, 0, 0};
-            if (smp.inside) {
-              T* dst[4];
-              for (int q = 0; q < 4; ++q)
-                dst[q] = smp.index[q] >= 0 ? gx + smp.index[q] * s.c + dg_i * s.cd : bin + q * s.cd;
-              scatter4_dot4(grad_cols + (p * s.k + ki) * s.c + dg_i * s.cd, dst[0], dst[1], dst[2], dst[3],
-                            smp.row[0], smp.row[1], smp.row[2], smp.row[3], smp.weight[0] * scale,
-                            smp.weight[1] * scale, smp.weight[2] * scale, smp.weight[3] * scale, s.cd, dots);
-            }
-            if (grad_mask) {
-              grad_mask[gp * s.dg * s.k + si] = smp.weight[0] * dots[0] + smp.weight[1] * dots[1] +
-                                                smp.weight[2] * dots[2] + smp.weight[3] * dots[3];
-            }
-            if (grad_offset) {
-              // d(value)/dh and /dw of the interpolant, corners fixed: 0 for a sample outside
-              const T lh = smp.lh, lw = smp.lw;
-              T* go = grad_offset + (gp * s.dg * s.k + si) * 2;
-              go[0] = scale * ((1 - lw) * (dots[2] - dots[0]) + lw * (dots[3] - dots[1]));
-              go[1] = scale * ((1 - lh) * (dots[1] - dots[0]) + lh * (dots[3] - dots[2]));
-            }
+        const int64_t gp = p0 + p;
+        for_each_sample(x, offset, mask, zero, s, gp, [&](int64_t dg_i, int64_t ki, int64_t si,
+                                                          const Sample<T>& smp, T scale) {
+          T dots[4] = {0, 0, 0, 0};
+          if (smp.inside) {
+            T* dst[4];
+            for (int q = 0; q < 4; ++q)
+              dst[q] = smp.index[q] >= 0 ? gx + smp.index[q] * s.c + dg_i * s.cd : bin + q * s.cd;
+            scatter4_dot4(grad_cols + (p * s.k + ki) * s.c + dg_i * s.cd, dst[0], dst[1], dst[2], dst[3],
+                          smp.row[0], smp.row[1], smp.row[2], smp.row[3], smp.weight[0] * scale,
+                          smp.weight[1] * scale, smp.weight[2] * scale, smp.weight[3] * scale, s.cd, dots);
           }
-        }
+          if (grad_mask) {
+            grad_mask[gp * s.dg * s.k + si] = smp.weight[0] * dots[0] + smp.weight[1] * dots[1] +
+                                              smp.weight[2] * dots[2] + smp.weight[3] * dots[3];
+          }
+          if (grad_offset) {
+            // d(value)/dh and /dw of the interpolant, corners fixed: 0 for a sample outside
+            const T lh = smp.lh, lw = smp.lw;
+            T* go = grad_offset + (gp * s.dg * s.k + si) * 2;
+            go[0] = scale * ((1 - lw) * (dots[2] - dots[0]) + lw * (dots[3] - dots[1]));
+            go[1] = scale * ((1 - lh) * (dots[1] - dots[0]) + lh * (dots[3] - dots[2]));
+          }
+        });
       }
     }
   });
