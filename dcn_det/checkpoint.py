@@ -12,7 +12,7 @@ import os.path as osp
 import pickle
 import zipfile
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -124,12 +124,20 @@ def from_weights_only(obj: Any) -> Any:
     return obj
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
-    tmp = f'{path}.tmp-{os.getpid()}'
+def atomic_write(path: str, write: Callable[[str], None], suffix: str = '') -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it: never a half-written file.
+
+    ``suffix`` ends the temporary name, for writers that take the format from it (``savefig``).
+    """
+    tmp = f'{path}.tmp-{os.getpid()}{suffix}'
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if osp.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path`` through :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))

@@ -13,14 +13,14 @@ as ``imshow`` draws it), ``(y, x)`` order throughout. The test pipeline's resize
 onto pixel centres (cv2), so an input pixel ``x_r`` is original pixel ``(x_r + 0.5) / scale - 0.5``.
 """
 import math
-import os
-import os.path as osp
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from dcn_det.checkpoint import atomic_write
 
 LEVEL_COLOURS = ('#ffd700', '#00a2ff', '#ff1a1a', '#b000ff', '#00e0a0')  # top layer first; deepest red-ish
 UNIT_COLOUR = '#22dd22'  # the activation unit: green, as in the papers
@@ -267,13 +267,7 @@ def plot_sampling(image: np.ndarray, panels: Sequence[Panel], layer_names: Seque
         handle.set_alpha(1)  # a handle takes its first point's opacity
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
-    tmp = f'{out}.tmp-{os.getpid()}.png'
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, out)
-    finally:
-        if osp.exists(tmp):
-            os.remove(tmp)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100), suffix='.png')
 
 
 

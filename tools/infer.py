@@ -32,7 +32,7 @@ import time
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from dcn_det.checkpoint import CheckpointLoadError  # noqa: E402
+from dcn_det.checkpoint import CheckpointLoadError, atomic_write  # noqa: E402
 from dcn_det.cli import DictAction, UsageError, fail, load_config  # noqa: E402
 
 SAVE_EVERY = 50
@@ -147,10 +147,11 @@ def _picture_path(out_dir: str, path: str, used: set) -> str:
 
 
 def _write_json(report: dict, path: str) -> None:
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, 'w') as f:
+            json.dump(report, f, indent=1)
+
+    atomic_write(path, write)
 
 
 if __name__ == '__main__':

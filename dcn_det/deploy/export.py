@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dcn_det.checkpoint import atomic_write
+
 from .detections import count_unmatched
 from .detector import INPUT_NAMES, OUTPUT_NAMES, DeployableDetector, export_kernels, name_failing_layer
 from .preprocess import InputSpec
@@ -256,12 +258,5 @@ def _versions() -> dict:
 def _save_atomic(model, out: str) -> None:
     import onnx
 
-    directory = osp.dirname(osp.abspath(out))
-    os.makedirs(directory, exist_ok=True)
-    tmp = osp.join(directory, f'.{osp.basename(out)}.tmp-{os.getpid()}')
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, out)
-    finally:
-        if osp.exists(tmp):
-            os.remove(tmp)
+    os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
+    atomic_write(out, lambda tmp: onnx.save(model, tmp))
