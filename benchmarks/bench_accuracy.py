@@ -1,7 +1,7 @@
 """Accuracy on the shapes data: plain vs DCN variants, same schedule, several seeds -> bbox mAP mean ± std.
 
     .venv/bin/python benchmarks/bench_accuracy.py [--variants plain mdconv mdpool dcnv2] [--seeds 0 1 2]
-        [--epochs 6] [--jobs N] [--test-data DIR] [--work-root work_dirs/bench/accuracy]
+        [--epochs 12] [--jobs N] [--test-data DIR] [--work-root work_dirs/bench/accuracy]
         [--out work_dirs/bench/accuracy.json] [--plot work_dirs/bench/accuracy.png]
 
 Trains configs/shapes_r18_<variant>.py with tools/train.py for each seed (the seed sets model init and
@@ -196,13 +196,21 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+def demo_epochs() -> int:
+    """The demo config's number of epochs."""
+    from mmengine.config import Config
+
+    return Config.fromfile(osp.join(REPO, 'configs', '_base_', 'shapes_r18_cpu.py')).train_cfg.max_epochs
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--variants', nargs='+', default=['plain', 'mdconv', 'mdpool', 'dcnv2'],
                         help='configs/shapes_r18_<variant>.py (default: %(default)s)')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
-    parser.add_argument('--epochs', type=int, default=6,
-                        help='the demo schedule (6) by default; the lr drop moves with it to the last epoch')
+    parser.add_argument('--epochs', type=int, default=demo_epochs(),
+                        help="the demo's schedule (%(default)s) by default; the lr drop moves with it to the last "
+                             'epoch')
     parser.add_argument('--jobs', type=int, help='runs at a time, sharing the cores (default: one per core, '
                         'at most one per run)')
     parser.add_argument('--data', default='data/shapes', help='trained on its train split (default: %(default)s)')
