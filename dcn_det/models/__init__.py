@@ -12,8 +12,6 @@ MODELS.register_module(module=ModulatedDeformRoIPool)
 MODELS.register_module(module=DeformRoIPool)
 
 from .backbones import DCNResNet  # noqa: E402
-from .data_preprocessors import ChannelsLastDetDataPreprocessor  # noqa: E402
 from .roi_heads import DeformRoIExtractor  # noqa: E402
 
-__all__ = ['ChannelsLastDetDataPreprocessor', 'DCNResNet', 'DeformConv2dPack', 'DeformRoIExtractor',
-           'ModulatedDeformConv2dPack']
+__all__ = ['DCNResNet', 'DeformConv2dPack', 'DeformRoIExtractor', 'ModulatedDeformConv2dPack']

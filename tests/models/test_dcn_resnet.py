@@ -160,3 +160,26 @@ def test_offset_lr_mult_reaches_conv_offset():
     lrs = {ids[id(p)]: g['lr'] for g in wrapper.optimizer.param_groups for p in g['params']}
     assert lrs['layer3.0.conv2.conv_offset.weight'] == pytest.approx(0.002)
     assert lrs['layer3.0.conv2.weight'] == pytest.approx(0.02)
+
+
+def test_channels_last_computes_the_same_and_returns_nchw():
+    # mmcv's CPU RoIAlign reads raw NCHW memory (a channels-last map gives other values): the backbone's
+    # channels-last layout must stay inside it
+    torch.manual_seed(0)
+    model = DCNResNet(depth=18, base_channels=8)
+    _randomise_offsets(model, scale=0.1)
+    fast = DCNResNet(depth=18, base_channels=8, channels_last=True)
+    fast.load_state_dict(model.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    seen = []
+    fast.layer3.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last)))
+    outs, fast_outs = model.eval()(x), fast.eval()(x)  # float32 rounding differs by layout: to 1e-4 of scale
+    for out, fast_out in zip(outs, fast_outs, strict=True):
+        assert fast_out.is_contiguous() and not fast_out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(fast_out, out, rtol=0, atol=1e-4 * out.abs().max().item())
+    assert seen == [True]  # inside, the layers ran channels-last
+    sum(o.square().sum() for o in outs).backward()
+    sum(o.square().sum() for o in fast_outs).backward()
+    for (name, p), q in zip(model.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-3 * p.grad.abs().max().item() + 1e-12,
+                                   msg=name)

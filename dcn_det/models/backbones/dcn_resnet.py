@@ -4,10 +4,12 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Optional, Sequence
 
+import torch
 from mmcv.cnn import build_conv_layer
 from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from mmdet.registry import MODELS
 from mmengine.logging import print_log
+from torch import Tensor
 
 from dcn_det.checkpoint import describe_differences, load_checkpoint_file, state_dict_differences
 from dcn_det.models.layers import DeformConv2dPack, ModulatedDeformConv2dPack
@@ -89,6 +91,11 @@ class DCNResNet(ResNet):
             ('auto', 'native', 'mmcv', 'torchvision'); ``fallback_on_stride`` (keep strided 3x3
             convs dense). None: a plain ResNet.
         stage_with_dcn (Sequence[bool]): which of c2..c5 get DCN. Default c3-c5.
+        channels_last (bool): compute in channels-last memory, the layout oneDNN's CPU convolutions
+            and dcn_det's deformable ops work in, and return the usual contiguous NCHW outputs (same
+            values), so that necks, heads and mmcv's ops (whose CPU RoIAlign misreads channels-last
+            memory) see mmdet's layout. Default False; the CPU demo configs set it (README: ~10%
+            faster training steps).
         **kwargs: everything mmdet's ``ResNet`` takes (``out_indices``, ``frozen_stages``,
             ``norm_cfg``, ``norm_eval``, ``style``, ``base_channels``, ``init_cfg`` ...).
 
@@ -122,6 +129,7 @@ class DCNResNet(ResNet):
                  depth: int,
                  dcn: Optional[dict] = DEFAULT_DCN,
                  stage_with_dcn: Sequence[bool] = (False, True, True, True),
+                 channels_last: bool = False,
                  **kwargs) -> None:
         if depth not in self.arch_settings:
             raise ValueError(f'DCNResNet depth must be one of {sorted(self.arch_settings)}, got {depth}')
@@ -130,6 +138,7 @@ class DCNResNet(ResNet):
             raise ValueError(f'stage_with_dcn needs one flag per stage ({num_stages}), got {tuple(stage_with_dcn)}')
         default_init = kwargs.get('init_cfg') is None and kwargs.get('pretrained') is None
         super().__init__(depth, dcn=_resolve_dcn(dcn), stage_with_dcn=tuple(stage_with_dcn), **kwargs)
+        self.channels_last = channels_last
         for name, module in self.named_modules():  # a NaN offset then names its layer as the detector's keys do
             if isinstance(module, (DeformConv2dPack, ModulatedDeformConv2dPack)):
                 module.layer_name = f'backbone.{name}'
@@ -140,6 +149,12 @@ class DCNResNet(ResNet):
             for layer_name in self.res_layers:
                 for block in getattr(self, layer_name):
                     block.init_cfg = dict(type='Constant', val=0, override=dict(name=last_norm))
+
+    def forward(self, x: Tensor) -> tuple:
+        if not self.channels_last:
+            return super().forward(x)
+        outs = super().forward(x.contiguous(memory_format=torch.channels_last))
+        return tuple(out.contiguous() for out in outs)
 
     def train(self, mode: bool = True) -> 'DCNResNet':
         super().train(mode)
