@@ -19,7 +19,6 @@ import json
 import math
 import os
 import os.path as osp
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import torchvision
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks._machine import describe, machine  # noqa: E402
 from benchmarks._memory import peak_rss, reset_peak_rss  # noqa: E402
 from dcn_det.ops import ModulatedDeformRoIPool, deform_roi_pool  # noqa: E402
 
@@ -151,10 +151,10 @@ def main() -> None:
         fwd, fwd_bwd = statistics.median(times[v]['fwd']), statistics.median(times[v]['fwd_bwd'])
         rows[v] = dict(fwd_ms=1e3 * fwd, fwd_bwd_ms=1e3 * fwd_bwd, ratio=fwd_bwd / base,
                        peak_mib=peak_memory(v, args))
-    device = torch.cuda.get_device_name() if args.device == 'cuda' else \
-        f'{platform.processor() or "cpu"}, {torch.get_num_threads()} threads'
+    info = machine(args.device)
+    device = describe(info)
     setup = f'2 x 256 x 128 x 128 (stride 4), {args.rois} RoIs of 16-112 px, 7 x 7, sampling_ratio 0'
-    result = dict(device=device, setup=setup, repeats=args.repeats,
+    result = dict(device=device, machine=info, setup=setup, repeats=args.repeats,
                   target='modulated op fwd+bwd <= 2x roi_align', variants=rows)
     os.makedirs(osp.dirname(args.out), exist_ok=True)
     with open(args.out, 'w') as f:

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import os.path as osp
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import torch
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks._machine import describe, machine  # noqa: E402
 from benchmarks._memory import peak_rss, reset_peak_rss  # noqa: E402
 
 VARIANTS = {
@@ -148,9 +148,9 @@ def main(argv=None) -> None:
         train, inf = statistics.median(times[v]['train']), statistics.median(times[v]['infer'])
         rows[v] = dict(train_s=train, infer_s=inf, train_ratio=train / base['train'], infer_ratio=inf / base['infer'],
                        params=params(m), peak_mib=peak_memory(v, args.size, args.device))
-    device = torch.cuda.get_device_name() if args.device == 'cuda' else f'{platform.processor() or "cpu"}, ' \
-        f'{torch.get_num_threads()} threads'
-    result = dict(device=device, size=args.size, batch=2, repeats=args.repeats, variants=rows)
+    info = machine(args.device)
+    device = describe(info)
+    result = dict(device=device, machine=info, size=args.size, batch=2, repeats=args.repeats, variants=rows)
     os.makedirs(osp.dirname(args.out), exist_ok=True)
     with open(args.out, 'w') as f:
         json.dump(result, f, indent=2)

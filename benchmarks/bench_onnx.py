@@ -1,6 +1,6 @@
 """ONNX export: agreement with PyTorch (mAP and per layer) and latency, onnxruntime vs PyTorch, CPU.
 
-    .venv/bin/python benchmarks/bench_onnx.py agreement --checkpoint work_dirs/shapes_r18_dcnv2/epoch_6.pth
+    .venv/bin/python benchmarks/bench_onnx.py agreement --checkpoint work_dirs/shapes_r18_dcnv2/epoch_12.pth
     .venv/bin/python benchmarks/bench_onnx.py latency [--checkpoint CKPT] [--threads 1 2] [--repeats 5]
 
 ``agreement`` (default config: the demo's ``configs/shapes_r18_dcnv2.py``, its val set) exports the

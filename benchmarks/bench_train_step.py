@@ -9,7 +9,8 @@ images of 320² with 5 boxes each, or 2 images of 512² for R50), variants inter
 each, ratios to plain from the same run. Then one profiled step of each variant, its time split into
 deformable convs (dcn_det's op, forward and backward, GEMMs inside included), deformable RoI
 pooling, dense convs, fc layers and everything else (losses, anchor assignment and sampling, NMS,
-elementwise ops), by attributing every profiled op's self time to its nearest categorised ancestor.
+elementwise ops): every profiled op's self time goes to the first category (in that order) that the
+op or one of its ancestors matches.
 Writes ``work_dirs/bench/train_step_<model>.json``; the JSON and the table name the CPU.
 """
 import argparse
@@ -34,8 +35,8 @@ MODELS = {
     'r50': dict(variants={'plain': 'faster_rcnn_r50_fpn.py', 'dcnv2': 'faster_rcnn_dcnv2.py'}, batch=2, size=512,
                 classes=80),
 }
-# (category, substrings of an op's name or of an ancestor's): the first that matches the op or its nearest
-# matching ancestor wins
+# (category, substrings of an op's name or of an ancestor's), in priority order: an op goes to the first
+# category that it or any of its ancestors matches (the GEMMs inside the deformable conv op are its own)
 CATEGORIES = [
     ('deformable conv', ('dcn_det::deform_conv2d', 'GeneratedBackwardFor_dcn_det')),
     ('deformable RoI pooling', ('NativeDeformRoIPool',)),
@@ -82,12 +83,13 @@ def train_step(model, optimizer, data) -> float:
 
 
 def _category(event) -> str:
-    node = event
-    while node is not None:
-        for name, keys in CATEGORIES:
-            if any(k in node.name for k in keys):
-                return name
-        node = node.cpu_parent
+    names = []
+    while event is not None:
+        names.append(event.name)
+        event = event.cpu_parent
+    for category, keys in CATEGORIES:
+        if any(k in name for name in names for k in keys):
+            return category
     return 'other'
 
 

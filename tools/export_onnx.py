@@ -2,7 +2,7 @@
 
 Usage::
 
-    python tools/export_onnx.py configs/shapes_r18_dcnv2.py work_dirs/shapes_r18_dcnv2/epoch_6.pth dcnv2.onnx
+    python tools/export_onnx.py configs/shapes_r18_dcnv2.py work_dirs/shapes_r18_dcnv2/epoch_12.pth dcnv2.onnx
     python tools/export_onnx.py CONFIG CHECKPOINT OUT.onnx --dynamic            # any batch size and image size
     python tools/export_onnx.py CONFIG CHECKPOINT OUT.onnx --shape 800 1344     # fixed input H x W
 

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python tools/infer.py configs/shapes_r18_dcnv2.py work_dirs/shapes_r18_dcnv2/epoch_6.pth data/shapes/val
+    python tools/infer.py configs/shapes_r18_dcnv2.py work_dirs/shapes_r18_dcnv2/epoch_12.pth data/shapes/val
     python tools/infer.py CONFIG CHECKPOINT a.jpg b.png photos/ --onnx dcnv2.onnx --out-dir out --score-thr 0.5
 
 INPUT is any mix of image files and folders (searched recursively for .jpg, .png, .bmp, .tif, .webp).

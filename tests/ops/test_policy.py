@@ -238,3 +238,17 @@ def test_ops_import_and_run_without_the_mm_stack():
     result = subprocess.run([sys.executable, '-c', _NO_MM], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ['ok', '(1,', '4,', '6,', '6)', '(1,', '4,', '3,', '3)']
+
+
+def test_no_private_torch_api_in_the_package():
+    """Public APIs only (the brief): no private aten/mkldnn ops, torch._C, or ATen internals in C++."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[2] / 'dcn_det'
+    private = re.compile(r'torch\.ops\.(aten\._|mkldnn\.)|torch\._C\b|\bat::_|\bat::native::|torch\.ops\.aten\.\w+\._')
+    files = [*root.rglob('*.py'), *root.rglob('*.cpp')]
+    assert len(files) > 20
+    hits = [f'{f.relative_to(root)}:{n}' for f in files
+            for n, line in enumerate(f.read_text().splitlines(), 1) if private.search(line)]
+    assert not hits, hits
