@@ -1,7 +1,9 @@
 """`make bench`: run every benchmark, then write work_dirs/bench/summary.json and summary.png.
 
 Each benchmark also runs alone (its own --help); this script only calls them in turn with their
-defaults and gathers their JSON. Pass --quick for a smoke run (fewer repeats, seeds and epochs).
+defaults and gathers their JSON. Pass --quick for a smoke run (fewer repeats, seeds and epochs). Not
+here, as they need more than the repo: ``bench_no_avx512.py --before DIR`` (an older checkout) and
+``bench_onnx.py agreement --checkpoint CKPT`` (a trained demo checkpoint).
 """
 import argparse
 import json
@@ -16,6 +18,8 @@ RUNS = {
     'deform_conv': (['benchmarks/bench_deform_conv.py'], ['--repeats', '3']),
     'deform_roi_pool': (['benchmarks/bench_deform_roi_pool.py'], ['--repeats', '3']),
     'models': (['benchmarks/bench_models.py'], ['--repeats', '1', '--size', '320']),
+    'train_step_demo': (['benchmarks/bench_train_step.py'], ['--repeats', '1', '--no-profile']),
+    'onnx_latency': (['benchmarks/bench_onnx.py', 'latency'], ['--models', 'demo (R18 DCNv2, 320²)', '--repeats', '1']),
     'digits': (['benchmarks/bench_digits.py'], ['--quick']),
     'accuracy': (['benchmarks/bench_accuracy.py'], ['--seeds', '0', '--epochs', '2', '--variants', 'plain', 'dcnv2']),
 }

@@ -67,8 +67,8 @@ def test_a_layer_that_cannot_be_exported_is_named(tmp_path, capsys):
     # mmdet's own ResNet with DCNv2 builds mmcv's compiled layer (R50: mmdet refuses DCN in R18 blocks)
     cfg = write_tiny_shapes_config(
         tmp_path / 'mmcv_dcn.py', tmp_path / 'data', CLASSES, base='shapes_r18_plain.py', image_size=64,
-        extra="model['backbone'].update(type='mmdet.ResNet', depth=50, stage_with_dcn=(False, True, True, True), "
-              "dcn=dict(_delete_=True, type='DCNv2', deform_groups=1))\n"
+        extra="model['backbone'] = dict(_delete_=True, type='mmdet.ResNet', depth=50, base_channels=8, "
+              "init_cfg=None, stage_with_dcn=(False, True, True, True), dcn=dict(type='DCNv2', deform_groups=1))\n"
               "model['neck'].update(in_channels=[32, 64, 128, 256])\n")
     ckpt = write_checkpoint(cfg, tmp_path / 'm.pth')
     err = refused(main, cfg, ckpt, tmp_path / 'x.onnx', capsys=capsys)
