@@ -8,7 +8,7 @@ classes = ('ellipse', 'triangle', 'star', 'cross', 'ring')
 image_size = 320
 
 model = dict(
-    # channels_last: the backbone computes in the CPU's layout (README: ~7% faster training steps)
+    # channels_last: the backbone computes in the CPU's layout (README: a DCNv2 step ~9% faster)
     backbone=dict(depth=18, base_channels=32, frozen_stages=-1, norm_eval=False, init_cfg=None, channels_last=True),
     neck=dict(in_channels=[32, 64, 128, 256], out_channels=64),
     rpn_head=dict(in_channels=64, feat_channels=64, anchor_generator=dict(scales=[4])),

@@ -94,7 +94,7 @@ class DCNResNet(ResNet):
         channels_last (bool): compute in channels-last memory, the layout oneDNN's CPU convolutions
             and dcn_det's deformable ops work in, and return the usual contiguous NCHW outputs (same
             values), so that necks, heads and mmcv's ops (whose CPU RoIAlign misreads channels-last
-            memory) see mmdet's layout. Default False; the CPU demo configs set it (README: ~10%
+            memory) see mmdet's layout. Default False; the CPU demo configs set it (README: ~9%
             faster training steps).
         **kwargs: everything mmdet's ``ResNet`` takes (``out_indices``, ``frozen_stages``,
             ``norm_cfg``, ``norm_eval``, ``style``, ``base_channels``, ``init_cfg`` ...).
