@@ -59,11 +59,9 @@ def evaluate(config: str, checkpoint: str, work: str, *extra: str) -> dict:
     return {k: round(100 * metrics[f'coco/{k}'], 2) for k in METRICS}
 
 
-def roi_layer_key(config: str):
-    """The cfg-options key of the deformable RoI layer's sampling ratio, or None for a plain RoI head."""
-    from mmengine.config import Config
-
-    cfg = Config.fromfile(osp.join(REPO, config))
+def roi_layer_key(cfg):
+    """The cfg-options key of the deformable RoI layer (whose sampling ratio and backend the runs set), or
+    None for a plain RoI head."""
     layer = cfg.model.roi_head.bbox_roi_extractor.roi_layer
     return 'model.roi_head.bbox_roi_extractor.roi_layer' if 'Deform' in str(layer.type) else None
 
@@ -76,27 +74,25 @@ def agreement(args) -> dict:
     from dcn_det.deploy.agreement import layer_agreement
     from dcn_det.deploy.runners import load_detector
 
-    layer_key = roi_layer_key(args.config)
-    settings = [('adaptive', [])]
-    if layer_key:
-        fixed = f'{layer_key}.sampling_ratio={args.fixed_ratio}'
-        settings.append((f'fixed {args.fixed_ratio}', ['--cfg-options', fixed]))
-    tv_kernels = [f'{layer_key}.backend=torchvision'] if layer_key else []
     cfg = Config.fromfile(osp.join(REPO, args.config))
+    layer_key = roi_layer_key(cfg)
+    settings = [('adaptive', [])]  # (name, cfg-options of the run)
+    if layer_key:
+        settings.append((f'fixed {args.fixed_ratio}', [f'{layer_key}.sampling_ratio={args.fixed_ratio}']))
+    tv_kernels = [f'{layer_key}.backend=torchvision'] if layer_key else []
     if cfg.model.backbone.get('dcn'):
         tv_kernels.append('model.backbone.dcn.backend=torchvision')
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, options in settings:
+            cfg_options = ['--cfg-options', *options] if options else []
             onnx_path = osp.join(tmp, f'{len(rows)}.onnx')
-            run_tool('tools/export_onnx.py', args.config, args.checkpoint, onnx_path, *options)
+            run_tool('tools/export_onnx.py', args.config, args.checkpoint, onnx_path, *cfg_options)
             work = osp.join(tmp, f'work{len(rows)}')
-            extra = options[1:] if options else []
-            pytorch = evaluate(args.config, args.checkpoint, work + 'pt', *(['--cfg-options', *extra] if extra else []))
-            torchvision = evaluate(args.config, args.checkpoint, work + 'tv', '--cfg-options', *extra, *tv_kernels) \
+            pytorch = evaluate(args.config, args.checkpoint, work + 'pt', *cfg_options)
+            torchvision = evaluate(args.config, args.checkpoint, work + 'tv', '--cfg-options', *options, *tv_kernels) \
                 if tv_kernels else pytorch
-            ort = evaluate(args.config, args.checkpoint, work + 'ort', '--onnx', onnx_path,
-                           *(['--cfg-options', *extra] if extra else []))
+            ort = evaluate(args.config, args.checkpoint, work + 'ort', '--onnx', onnx_path, *cfg_options)
             rows.append(dict(sampling=name, pytorch=pytorch, pytorch_torchvision_kernels=torchvision, onnxruntime=ort,
                              delta_map=round(ort['bbox_mAP'] - pytorch['bbox_mAP'], 2)))
             print(f"{name}: PyTorch {pytorch['bbox_mAP']:.2f}, PyTorch on torchvision kernels "

@@ -68,25 +68,20 @@ def parse_args(argv=None):
 
 def main(argv=None):
     from dcn_det.deploy import (
-        MIN_OPSET,
         ConfigNotDeployableError,
         InputSpec,
         NotExportableError,
         config_classes,
         export_onnx,
     )
+    from dcn_det.deploy.export import check_target
     from dcn_det.deploy.runners import load_detector
 
     args = parse_args(argv)
     try:
         if not args.out.endswith('.onnx'):
             raise UsageError(f'{args.out!r} must end in .onnx')
-        if osp.exists(args.out):
-            raise UsageError(f'{args.out!r} exists: remove it or choose another output path')
-        if args.opset < MIN_OPSET:
-            raise UsageError(f'--opset {args.opset} is refused: ONNX has DeformConv (deformable convolution) only '
-                             f'from opset {MIN_OPSET}; below it torch writes a model that the ONNX checker and '
-                             f'onnxruntime reject. Use --opset {MIN_OPSET} or newer')
+        check_target(args.out, args.opset)  # before the model is built
         if args.dynamic and (args.batch_size != 1 or args.shape):
             raise UsageError('--dynamic leaves batch size and shape free: drop --batch-size/--shape')
         if args.batch_size < 1:

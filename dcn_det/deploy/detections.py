@@ -18,7 +18,7 @@ class Detections(NamedTuple):
 
 def count_unmatched(got, want, score_tol: float = 1e-4, box_tol: float = 1e-2) -> int:
     """How many detections of ``got`` find no partner in ``want`` (each ``(boxes, scores, labels)`` or a
-    :class:`~dcn_det.deploy.runners.Detections`), pairing greedily by falling score: same label, score
+    :class:`Detections`), pairing greedily by falling score: same label, score
     within ``score_tol``, every coordinate within ``box_tol`` px. Order among equal scores is free."""
     boxes, scores, labels = (np.asarray(x) for x in got)
     w_boxes, w_scores, w_labels = (np.asarray(x) for x in want)

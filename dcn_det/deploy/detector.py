@@ -343,7 +343,6 @@ def name_failing_layer(detector: nn.Module, action: str) -> Iterator[None]:
     innermost submodule running at the time, and the exception's first line."""
     names = {id(m): name for name, m in detector.named_modules() if name}
     stack: list[nn.Module] = []
-    failing: list[nn.Module] = []
 
     def enter(module, args):
         if id(module) in names:
@@ -360,15 +359,14 @@ def name_failing_layer(detector: nn.Module, action: str) -> Iterator[None]:
     except NotExportableError:
         raise
     except Exception as e:
-        failing = stack[-1:]
         root = e
         while root.__cause__ is not None:  # the exporter wraps the error that says why
             root = root.__cause__
         lines = [re.sub(r'\x1b\[[0-9;]*m', '', line).strip() for line in str(root).splitlines()]
         lines = [line for line in lines if line]
         why = f'{type(root).__name__}: {lines[0] if lines else ""}'[:400]
-        if failing:
-            raise NotExportableError(f'cannot {action} {names[id(failing[0])]} ({type(failing[0]).__name__}): '
+        if stack:
+            raise NotExportableError(f'cannot {action} {names[id(stack[-1])]} ({type(stack[-1]).__name__}): '
                                      f'{why}') from e
         raise NotExportableError(f'cannot {action} the model: {why}') from e
     finally:

@@ -83,12 +83,7 @@ def export_onnx(detector: nn.Module, spec: InputSpec, out: str, *, classes: Sequ
     """
     import onnx
 
-    if opset < MIN_OPSET:
-        raise ValueError(f'opset {opset} is too old: ONNX has DeformConv (deformable convolution) only from '
-                         f'opset {MIN_OPSET}, and torch writes an invalid model below it; use --opset {MIN_OPSET} '
-                         'or newer (onnxruntime >= 1.25 runs it)')
-    if osp.exists(out):
-        raise ValueError(f'{out!r} exists: remove it or choose another output path')
+    check_target(out, opset)
     num_classes = detector.roi_head.bbox_head.num_classes
     if len(classes) != num_classes:
         raise ValueError(f'the model has {num_classes} classes but the config names {len(classes)} '
@@ -148,6 +143,16 @@ def export_onnx(detector: nn.Module, spec: InputSpec, out: str, *, classes: Sequ
             count_unmatched([x[i, :got[3][i]] for x in got[:3]], [x[i, :got[3][i]] for x in expected[:3]])
             for i in range(len(got[3])))
     return result
+
+
+def check_target(out: str, opset: int) -> None:
+    """Refuse (ValueError) an opset below :data:`MIN_OPSET` or an existing ``out``, before any work."""
+    if opset < MIN_OPSET:
+        raise ValueError(f'opset {opset} is too old: ONNX has DeformConv (deformable convolution) only from opset '
+                         f'{MIN_OPSET}; below it torch writes a model that the ONNX checker and onnxruntime reject. '
+                         f'Use --opset {MIN_OPSET} or newer (onnxruntime >= 1.25 runs it)')
+    if osp.exists(out):
+        raise ValueError(f'{out!r} exists: remove it or choose another output path')
 
 
 def example_inputs(n: int, h: int, w: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

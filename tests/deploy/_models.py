@@ -74,13 +74,9 @@ def make_image(height: int, width: int, seed: int = 0) -> np.ndarray:
 def mmdet_batch_predict(model, cfg: Config, images) -> list:
     """mmdet's own predictions for ``images`` run as ONE batch (padded to the largest, as mmdet does):
     ``[(boxes, scores, labels), ...]``."""
-    from mmcv.transforms import Compose
-    from mmengine.registry import init_default_scope
+    from dcn_det.deploy import TorchDetector
 
-    init_default_scope('mmdet')
-    steps = [dict(s) for s in cfg.test_dataloader.dataset.pipeline if s['type'] != 'LoadAnnotations']
-    steps[0]['type'] = 'mmdet.LoadImageFromNDArray'
-    pipeline = Compose(steps)
+    pipeline = TorchDetector(model, cfg).pipeline  # the config's test pipeline, on arrays
     data = [pipeline(dict(img=image, img_id=i)) for i, image in enumerate(images)]
     with torch.no_grad():
         samples = model.test_step(dict(inputs=[d['inputs'] for d in data],

@@ -38,7 +38,8 @@ def test_exports_a_verified_file_with_its_metadata(tiny, tmp_path):
 
 
 @pytest.mark.parametrize('extra, message', [
-    (['--opset', '18'], r"^error: --opset 18 is refused: ONNX has DeformConv .* only from opset 19"),
+    (['--opset', '18'],
+     r"^error: opset 18 is too old: ONNX has DeformConv .* only from opset 19; .* Use --opset 19 or newer"),
     (['--dynamic', '--batch-size', '2'], r'^error: --dynamic leaves batch size and shape free'),
     (['--shape', '100', '64'], r"^error: --shape 100 64: height and width must be multiples .* --shape 128 64"),
 ])
