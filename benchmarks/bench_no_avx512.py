@@ -31,7 +31,7 @@ def build_avx2_kernel(directory: str) -> str:
 
     from dcn_det.ops.kernels import extension
 
-    load(name='dcn_det_cpu_avx2', sources=[extension.SOURCE], build_directory=directory,
+    load(name='dcn_det_cpu_avx2', sources=extension.SOURCES, build_directory=directory,
          extra_cflags=[*extension.CFLAGS, '-DDCN_NO_CLONES', '-march=x86-64-v3'], extra_ldflags=['-fopenmp'])
     return osp.join(directory, 'dcn_det_cpu_avx2.so')
 

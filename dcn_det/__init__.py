@@ -1,21 +1,21 @@
 """dcn_det: Deformable ConvNets v2 for MMDetection 3.x. Importing it registers everything in mmdet.
 
 On a machine with PyTorch alone (no mmcv and no mmdet, e.g. a bare GPU box) only :mod:`dcn_det.ops`
-is loaded; where either is installed, mmcv must be the right build (:mod:`dcn_det.env_check` names
-the fix otherwise) and the models, engine and registrations load too.
+is loaded; where either is installed, mmcv must be a build mmdet 3.x accepts, with its ops
+(:mod:`dcn_det.env_check` names the fix otherwise), and the models, engine and registrations load too.
+``python -m dcn_det.env_check`` reports the environment without importing any of it, so that it can
+say what is wrong with a stack that would stop this import.
 """
 import importlib.util
+import sys
 import warnings
 
-# mmengine 0.10.7 and mmcv 2.1.0 import pkg_resources at import time: their deprecation, not our users'.
-warnings.filterwarnings('ignore', message='pkg_resources is deprecated', category=UserWarning)
-
-from . import ops  # noqa: E402
-from .ops import DeformRoIPool, ModulatedDeformRoIPool, deform_conv2d, deform_roi_pool  # noqa: E402
-
 __version__ = '0.1.0'
-__all__ = ['DeformRoIPool', 'ModulatedDeformRoIPool', 'deform_conv2d', 'deform_roi_pool', 'ops']
 
+
+def _running_env_check() -> bool:
+    argv = getattr(sys, 'orig_argv', [])
+    return '-m' in argv and argv[argv.index('-m') + 1:argv.index('-m') + 2] == ['dcn_det.env_check']
 
 
 def _installed(name: str) -> bool:
@@ -25,14 +25,25 @@ def _installed(name: str) -> bool:
         return False
 
 
-if _installed('mmcv') or _installed('mmdet'):
-    from .env_check import check_mmcv
+if not _running_env_check():
+    # mmengine 0.10 and mmcv 2.x import pkg_resources at import time: their deprecation, not our users'.
+    warnings.filterwarnings('ignore', message='pkg_resources is deprecated', category=UserWarning)
 
-    check_mmcv()  # before anything imports mmcv.ops: a clear message instead of a deep traceback
+    from . import ops
+    from .model_zoo import get_config, get_config_file
+    from .ops import DeformRoIPool, ModulatedDeformRoIPool, deform_conv2d, deform_roi_pool
 
-    from . import engine, models  # noqa: E402
-    from .engine import DCNRunner  # noqa: E402
-    from .models import DCNResNet, DeformConv2dPack, DeformRoIExtractor, ModulatedDeformConv2dPack  # noqa: E402
+    __all__ = ['DeformRoIPool', 'ModulatedDeformRoIPool', 'deform_conv2d', 'deform_roi_pool', 'get_config',
+               'get_config_file', 'ops']
 
-    __all__ += ['DCNResNet', 'DCNRunner', 'DeformConv2dPack', 'DeformRoIExtractor', 'ModulatedDeformConv2dPack',
-                'engine', 'models']
+    if _installed('mmcv') or _installed('mmdet'):
+        from .env_check import check_stack
+
+        check_stack()  # before anything imports mmcv.ops: a clear message instead of a deep traceback
+
+        from . import engine, models
+        from .engine import DCNRunner
+        from .models import DCNResNet, DeformConv2dPack, DeformRoIExtractor, ModulatedDeformConv2dPack
+
+        __all__ += ['DCNResNet', 'DCNRunner', 'DeformConv2dPack', 'DeformRoIExtractor',
+                    'ModulatedDeformConv2dPack', 'engine', 'models']

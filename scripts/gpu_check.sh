@@ -7,6 +7,10 @@
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]        # default work_dirs/gpu_check; PYTHON=... picks the python
 #
+# A dcn_det wheel built for that machine's Python and torch, placed in .whl/ (README, Installation), is
+# installed with `pip install --no-deps --no-index` into OUT_DIR/site and tested instead of the checkout's
+# copy, so its compiled CPU kernel is used; without one the checkout's code runs (CPU ops on their public path).
+#
 # Without a CUDA device it says what it skipped, writes the JSON all the same, and exits 0.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,9 +19,18 @@ if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu_check.log"
 exec > >(tee "$LOG") 2>&1
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 start=$(date +%s)
 echo "[gpu_check] $(date -u +%FT%TZ) in $PWD with $PY"
+site=
+if ls .whl/dcn_det-*.whl >/dev/null 2>&1; then
+  site=$OUT_DIR/site
+  "$PY" -m pip install -q --no-deps --no-index --upgrade --target "$site" .whl/dcn_det-*.whl \
+    && echo "[gpu_check] testing the wheel $(ls .whl/dcn_det-*.whl) (installed in $site)" \
+    || { echo "[gpu_check] the wheel in .whl/ does not install here: testing the checkout's code"; site=; }
+fi
+export PYTHONUNBUFFERED=1 PYTHONPATH="${site:+$site:}$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -m dcn_det.env_check --json > "$OUT_DIR/dcn_det_env.json"
+echo "[gpu_check] dcn_det: $(cat "$OUT_DIR/dcn_det_env.json")"
 
 "$PY" - "$OUT_DIR/env.json" <<'EOF'
 import json, platform, sys
@@ -47,7 +60,7 @@ else
   "$PY" -c 'import mmcv.ops, sys; sys.exit(mmcv.ops.get_compiling_cuda_version() == "not available")' 2>/dev/null \
     && methods=$methods,mmcv
   echo "[gpu_check] CUDA op tests (limit 240 s)"
-  timeout 240 "$PY" -m pytest -q -p no:cacheprovider -o addopts= tests/ops/test_cuda.py \
+  timeout 240 "$PY" -m pytest -q -p no:cacheprovider -o addopts= -o pythonpath= tests/ops/test_cuda.py \
     --junitxml="$OUT_DIR/cuda_tests.xml"
   tests_rc=$?
   echo "[gpu_check] deformable conv benchmark, $methods (limit 150 s)"
@@ -64,6 +77,10 @@ import json, os, sys
 import xml.etree.ElementTree as ET
 out, tests_rc, bench_rc, pool_rc, seconds = sys.argv[1:]
 summary = dict(env=json.load(open(os.path.join(out, 'env.json'))), seconds=int(seconds), skipped=[])
+try:
+    summary['dcn_det_env'] = json.load(open(os.path.join(out, 'dcn_det_env.json')))
+except ValueError:  # env_check could not run: its error is in the log
+    summary['dcn_det_env'] = None
 junit = os.path.join(out, 'cuda_tests.xml')
 if tests_rc == 'skipped':
     summary['skipped'] = ['tests/ops/test_cuda.py (no CUDA device)', 'CUDA benchmark rows (no CUDA device)']

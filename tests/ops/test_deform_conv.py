@@ -22,7 +22,7 @@ native = functools.partial(deform_conv2d, backend='native')
 def kernel(request):
     """Run the test on each CPU kernel of the native backend: the compiled one and the public-API one."""
     if request.param == 'compiled' and extension.load() is None:
-        pytest.fail('the compiled CPU kernels are not built: run `make setup`')
+        pytest.fail(f'the compiled CPU kernel does not load ({extension.missing_reason()}): run `make setup`')
     with use_cpu_kernel(request.param):
         yield request.param
 

@@ -1,5 +1,6 @@
 """What both ops share: the non-finite policy, the choice of CPU kernel, the torch.library custom op, the
 torchvision RoI pooling backend, and an ops layer that needs torch and torchvision alone."""
+import re
 import subprocess
 import sys
 import warnings
@@ -90,17 +91,19 @@ def test_layers_name_themselves_in_the_error():
 
 
 def test_compiled_kernel_is_built_and_chosen():
-    # `make setup` builds it; CI runs the suite on both kernels (tests/ops/test_deform_conv.py `kernel`)
-    assert extension.load() is not None, 'run `make setup` (python dcn_det/ops/kernels/extension.py)'
-    assert cpu_kernel() == 'compiled'
+    # the package build (`make setup`: pip install -e .) compiles it; CI runs the suite on both kernels
+    assert extension.load() is not None, f'run `make setup` ({extension.missing_reason()})'
+    assert extension.load().__name__ == 'dcn_det._C' and cpu_kernel() == 'compiled'
 
 
 def test_without_compiled_kernel_falls_back_with_one_notice(monkeypatch):
-    monkeypatch.setattr(extension, 'load', lambda: None)
+    missing = "ModuleNotFoundError: No module named 'dcn_det._C'"  # as in a build without a compiler
+    monkeypatch.setattr(extension, '_state', {'module': None, 'reason': missing})
     monkeypatch.setattr(conv_native, '_noticed', [False])
     monkeypatch.delenv('DCN_DET_CPU_KERNEL', raising=False)
     args = make_inputs(dtype=torch.float32)
-    with pytest.warns(UserWarning, match=r'compiled CPU kernels not built \(run `make setup`\)'):
+    with pytest.warns(UserWarning, match=rf'no compiled CPU kernel \({re.escape(missing)}\); .* To build it: '
+                                         rf'pip install --no-build-isolation \.'):
         out = deform_conv2d(**args, backend='native')
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # once per process, not once per layer call
@@ -108,7 +111,7 @@ def test_without_compiled_kernel_falls_back_with_one_notice(monkeypatch):
     with use_cpu_kernel('public'):
         torch.testing.assert_close(out, deform_conv2d(**args, backend='native'))
     monkeypatch.setenv('DCN_DET_CPU_KERNEL', 'compiled')
-    with pytest.raises(RuntimeError, match='compiled CPU kernels are not built .* run `make setup`'):
+    with pytest.raises(RuntimeError, match=r'compiled CPU kernel does not load .* pip install --no-build-isolation'):
         deform_conv2d(**args, backend='native')
 
 

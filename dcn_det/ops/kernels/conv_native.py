@@ -70,12 +70,12 @@ def cpu_kernel() -> str:
     if extension.load() is not None:
         return 'compiled'
     if requested == 'compiled':
-        raise RuntimeError('the compiled CPU kernels are not built for this source and torch: run `make setup` '
-                           '(or `python dcn_det/ops/kernels/extension.py`), or use the public kernel')
+        raise RuntimeError(f'the compiled CPU kernel does not load ({extension.missing_reason()}): build it with '
+                           f'{extension.HOW_TO_BUILD}, or use the public kernel')
     if not _noticed[0]:
         _noticed[0] = True
-        warnings.warn('dcn_det: compiled CPU kernels not built (run `make setup`); deformable convs use the '
-                      'slower public-API path', stacklevel=2)
+        warnings.warn(f'dcn_det: no compiled CPU kernel ({extension.missing_reason()}); deformable convs use the '
+                      f'slower public-API path. To build it: {extension.HOW_TO_BUILD}', stacklevel=2)
     return 'public'
 
 

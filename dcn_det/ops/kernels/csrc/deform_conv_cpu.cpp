@@ -340,7 +340,7 @@ std::vector<at::Tensor> deform_conv2d_backward(const at::Tensor& grad_out, const
   // channels-last rows of the output gradient: (N*Ho, Wo, C_out)
   auto go = grad_out.to(input.scalar_type()).permute({0, 2, 3, 1}).contiguous().view({rows, s.wo, s.c_out});
   at::Tensor grad_input, grad_offset, grad_mask, grad_weight, grad_bias;
-  if (need_bias) grad_bias = go.sum({0, 1});
+  if (need_bias) grad_bias = go.sum(at::IntArrayRef{0, 1});
   auto x = input.permute({0, 2, 3, 1}).contiguous();
   auto off = offset.permute({0, 2, 3, 1}).contiguous();
   at::Tensor msk = mask ? mask->permute({0, 2, 3, 1}).contiguous() : at::Tensor();
