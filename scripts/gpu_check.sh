@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check: one command for a machine with a CUDA GPU, PyTorch and torchvision (other versions than
-# ours are fine; mmcv, mmdet and a network are not needed). It runs the CUDA op tests (native, torchvision
-# and, where installed, mmcv against the float64 references, forward and backward, float16/bfloat16 and
-# autocast) and the CUDA benchmark rows against cuDNN's dense conv, then writes OUT_DIR/gpu_check.json and
-# OUT_DIR/gpu_check.log. Every step has a time limit; the whole check stays under 8 minutes.
+# ours are fine; mmcv, mmdet and a network are not needed). It runs the CUDA op tests: the CUDA paths of the
+# conformance suite (tests/ops/test_conformance.py -m cuda: native, torchvision and, where installed, mmcv
+# against the float64 references and the published golden numbers, gradcheck, layouts, argument rules) and
+# tests/ops/test_cuda.py (float16/bfloat16, autocast, CPU-CUDA agreement); then the CUDA benchmark rows
+# against cuDNN's dense conv, and writes OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.log. Every step has a
+# time limit; the whole check stays under 9 minutes.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]        # default work_dirs/gpu_check; PYTHON=... picks the python
 #
@@ -53,15 +55,16 @@ EOF
 cuda=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')
 tests_rc=skipped; bench_rc=skipped; pool_rc=skipped
 if [ "$cuda" != 1 ]; then
-  echo "[gpu_check] SKIPPED: no CUDA device here, so neither the CUDA op tests (tests/ops/test_cuda.py) nor the"
+  echo "[gpu_check] SKIPPED: no CUDA device here, so neither the CUDA op tests (tests/ops/test_cuda.py,"
+  echo "[gpu_check] tests/ops/test_conformance.py -m cuda) nor the"
   echo "[gpu_check] CUDA benchmark rows (benchmarks/bench_deform_conv.py, bench_deform_roi_pool.py --device cuda) ran."
 else
   methods=dense,native,torchvision
   "$PY" -c 'import mmcv.ops, sys; sys.exit(mmcv.ops.get_compiling_cuda_version() == "not available")' 2>/dev/null \
     && methods=$methods,mmcv
-  echo "[gpu_check] CUDA op tests (limit 240 s)"
-  timeout 240 "$PY" -m pytest -q -p no:cacheprovider -o addopts= -o pythonpath= tests/ops/test_cuda.py \
-    --junitxml="$OUT_DIR/cuda_tests.xml"
+  echo "[gpu_check] CUDA op tests (limit 300 s)"
+  timeout 300 "$PY" -m pytest -q -p no:cacheprovider -o addopts= -o pythonpath= -m cuda tests/ops/test_cuda.py \
+    tests/ops/test_conformance.py --junitxml="$OUT_DIR/cuda_tests.xml"
   tests_rc=$?
   echo "[gpu_check] deformable conv benchmark, $methods (limit 150 s)"
   timeout 150 "$PY" benchmarks/bench_deform_conv.py --device cuda --methods "$methods" --repeats 25 \
@@ -83,7 +86,8 @@ except ValueError:  # env_check could not run: its error is in the log
     summary['dcn_det_env'] = None
 junit = os.path.join(out, 'cuda_tests.xml')
 if tests_rc == 'skipped':
-    summary['skipped'] = ['tests/ops/test_cuda.py (no CUDA device)', 'CUDA benchmark rows (no CUDA device)']
+    summary['skipped'] = ['tests/ops/test_cuda.py, tests/ops/test_conformance.py -m cuda (no CUDA device)',
+                          'CUDA benchmark rows (no CUDA device)']
 elif os.path.exists(junit):
     suite = ET.parse(junit).getroot().find('testsuite') or ET.parse(junit).getroot()
     counts = {k: int(suite.get(k, 0)) for k in ('tests', 'failures', 'errors', 'skipped')}

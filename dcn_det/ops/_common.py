@@ -101,6 +101,28 @@ def memory_format(t: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+class _GradLayout(torch.autograd.Function):
+    """Identity whose backward returns the gradient in a given memory format."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, fmt: torch.memory_format) -> Tensor:
+        ctx.fmt = fmt
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad.contiguous(memory_format=ctx.fmt), None
+
+
+def grad_layout(t: Optional[Tensor], fmt: Optional[torch.memory_format] = None) -> Optional[Tensor]:
+    """``t``, whose gradient comes back in ``fmt`` (default: ``t``'s own memory format, as the native
+    kernels return it). For third-party kernels, which return NCHW gradients whatever came in, and
+    for those that read the incoming gradient through a raw pointer (``fmt=torch.contiguous_format``)."""
+    if t is None or not (t.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        return t
+    return _GradLayout.apply(t, memory_format(t) if fmt is None else fmt)
+
+
 def check_backend(backend: str, choices: Sequence[str]) -> str:
     """``backend`` if it is one of ``choices``, else ValueError listing them."""
     if backend not in choices:

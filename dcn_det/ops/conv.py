@@ -12,6 +12,10 @@ A drop-in for :func:`torchvision.ops.deform_conv2d` (same arguments, offset layo
   standard ``DeformConv`` op).
 - ``'auto'``: native on CPU; on CUDA mmcv when mmcv was compiled with CUDA, else torchvision.
 
+Every backend takes tensors of any strides and memory format, checked here before dispatch (one set of
+errors for all), and returns the output in ``input``'s memory format and each gradient in its tensor's;
+``tests/ops/test_conformance.py`` runs all of them through the same cases.
+
 Edge convention: native reproduces mmcv's kernels (``dmcn_im2col_bilinear``,
 ``dmcn_get_coordinate_weight``) forward and backward, including their one-sided derivative at
 integer sample positions. A sample at (h, w) counts only when ``-1 < h < H`` and ``-1 < w < W``
@@ -40,6 +44,8 @@ from ._common import (
     check_finite,
     check_tensor,
     compute_dtype,
+    grad_layout,
+    memory_format,
     mmcv_has_cuda,
     pair,
 )
@@ -92,9 +98,14 @@ def deform_conv2d(input: Tensor,
         return native_deform_conv2d(input, offset, mask, weight, bias, geom)
     check_finite(offset, 'offset')
     check_finite(mask, 'mask')
+    # their kernels take contiguous NCHW tensors: output and gradients go back to the layouts that came in
+    fmt = memory_format(input)
+    input, offset, mask, weight, bias = (grad_layout(t) for t in (input, offset, mask, weight, bias))
     if backend == 'mmcv' and input.shape[0] > 0:  # mmcv refuses an empty batch ("input is too small")
-        return _mmcv_deform_conv2d(input, offset, mask, weight, bias, geom)
-    return _torchvision_deform_conv2d(input, offset, mask, weight, bias, geom)
+        out = _mmcv_deform_conv2d(input, offset, mask, weight, bias, geom)
+    else:
+        out = _torchvision_deform_conv2d(input, offset, mask, weight, bias, geom)
+    return out.contiguous(memory_format=fmt)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

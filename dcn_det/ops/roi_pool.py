@@ -23,6 +23,10 @@ Backends (``backend=``):
   its boxes, so the offsets get no gradient: for inference and export only.
 - ``'auto'``: mmcv on CUDA when mmcv was compiled with CUDA, else native.
 
+Every backend takes tensors of any strides, checked here before dispatch (one set of errors for all), and
+returns the input gradient in the input's memory format; ``tests/ops/test_conformance.py`` runs all of them
+through the same cases.
+
 Dtypes, autocast and non-finite offsets or RoIs: :mod:`dcn_det.ops._common`.
 """
 from typing import Optional
@@ -39,6 +43,7 @@ from ._common import (
     check_finite,
     check_tensor,
     compute_dtype,
+    grad_layout,
     mmcv_has_cuda,
     pair,
 )
@@ -85,10 +90,12 @@ def deform_roi_pool(input: Tensor,
     boxes = rois.to(dtype)
     off = None if offset is None else offset.to(dtype)
     with torch.autocast(input.device.type, enabled=False):
+        # their input gradient comes back NCHW: give it the input's layout, as the native kernel does
         if backend == 'mmcv':
-            out = _mmcv_deform_roi_pool(x, boxes, off, (ph, pw), spatial_scale, sampling_ratio, gamma)
+            out = _mmcv_deform_roi_pool(grad_layout(x), boxes, off, (ph, pw), spatial_scale, sampling_ratio, gamma)
         elif backend == 'torchvision':
-            out = _torchvision_deform_roi_pool(x, boxes, off, (ph, pw), spatial_scale, sampling_ratio, gamma)
+            out = _torchvision_deform_roi_pool(grad_layout(x), boxes, off, (ph, pw), spatial_scale, sampling_ratio,
+                                               gamma)
         else:
             out = NativeDeformRoIPool.apply(x, boxes, off, Params(ph, pw, float(spatial_scale), sampling_ratio,
                                                                   float(gamma)))
@@ -149,18 +156,7 @@ def _mmcv_deform_roi_pool(input: Tensor, rois: Tensor, offset: Optional[Tensor],
                                None if offset is None else offset.contiguous(), output_size,
                                spatial_scale, sampling_ratio, gamma)
     # mmcv's backward reads grad_output through a raw pointer: it must be contiguous
-    return _ContiguousGrad.apply(out)
-
-
-class _ContiguousGrad(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad.contiguous()
+    return grad_layout(out, torch.contiguous_format)
 
 
 def _torchvision_deform_roi_pool(input: Tensor, rois: Tensor, offset: Optional[Tensor],

@@ -43,6 +43,8 @@ def conv_reference(input, offset, weight, bias=None, stride=1, padding=0, dilati
         v = _bilinear_conv(input[b, g * cd:(g + 1) * cd], h, w)
         return v if mask is None else v * mask[b, g * k + kk, y, x]
 
+    if n == 0:
+        return input.new_zeros(0, c_out, h_out, w_out)
     cols = torch.stack([  # (N, C, K, H_out, W_out)
         torch.cat([
             torch.stack([
@@ -74,6 +76,17 @@ def make_inputs(n=2, c=4, h=6, w=5, c_out=3, kernel=(3, 3), groups=1, offset_gro
                 dilation=dilation, mask=mask)
 
 
+# make_inputs variants that the conv tests share: every feature of the op, offsets of scale 2.5 that put
+# many samples outside the image and across its borders
+CONFIGS = {
+    'v2': dict(),
+    'v1': dict(modulated=False),
+    'groups2_offset_groups2': dict(c=4, c_out=4, groups=2, offset_groups=2),
+    'offset_groups4_one_channel_each': dict(c=4, offset_groups=4),
+    'stride2_dilation2_kernel3x2': dict(h=7, w=8, kernel=(3, 2), stride=2, padding=2, dilation=2),
+    'tuple_args_no_padding': dict(h=6, w=7, stride=(1, 2), padding=(0, 1), dilation=(2, 1)),
+}
+
 TENSORS = ('input', 'offset', 'mask', 'weight', 'bias')
 
 
@@ -85,7 +98,6 @@ def forward_backward(fn, args, grad_seed=1):
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype)
     out.backward(grad.to(out.device))
     return out.detach(), {k: args[k].grad for k in TENSORS if args.get(k) is not None}
-
 
 
 # ----------------------------------------------------------------------------------------------

@@ -101,8 +101,9 @@ def _chunks(n_rows: int, row_bytes: int, chunk_bytes: int) -> list[tuple[int, in
 def _weight_matrix(weight: Tensor, groups: int) -> Tensor:
     """(C_out, C_in/G, kh, kw) -> (G, C_out/G, kh*kw*C_in/G), matching the column layout (K, C)."""
     c_out, cg, kh, kw = weight.shape
-    return weight.view(groups, c_out // groups, cg, kh * kw).transpose(2, 3).reshape(groups, c_out // groups,
-                                                                                     kh * kw * cg)
+    # reshape, not view: a weight of any strides (a permuted copy cannot merge kh and kw in place)
+    return weight.reshape(groups, c_out // groups, cg, kh * kw).transpose(2, 3).reshape(groups, c_out // groups,
+                                                                                        kh * kw * cg)
 
 
 def _grouped(cols: Tensor, k: int, groups: int) -> Tensor:
