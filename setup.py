@@ -19,7 +19,9 @@ NO_KERNEL = ('dcn_det: building without the compiled CPU kernel ({}); the deform
 
 
 def _say(message: str) -> None:
-    print(message, file=sys.stderr)
+    # pip runs this file for the metadata first (egg_info / dist_info): say it once, when building
+    if not {'egg_info', 'dist_info'} & set(sys.argv):
+        print(message, file=sys.stderr)
 
 
 def kernel_build():
@@ -39,7 +41,7 @@ def kernel_build():
         def run(self):
             try:
                 super().run()
-            except Exception as e:  # noqa: BLE001: any compiler or toolchain failure
+            except Exception as e:  # any compiler or toolchain failure
                 last = str(e).strip().splitlines()[-1] if str(e).strip() else ''
                 _say(NO_KERNEL.format(f'{type(e).__name__}: {last}'))
 
