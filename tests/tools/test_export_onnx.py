@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from dcn_det.deploy import META
-from dcn_det.deploy.export import file_sha256
+from dcn_det.deploy.metadata import file_sha256
 from tests._helpers import REPO, write_tiny_shapes_config
 from tests.deploy._models import CLASSES, refused, write_checkpoint
 
