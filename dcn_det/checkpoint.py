@@ -108,22 +108,26 @@ def build_detector(cfg) -> torch.nn.Module:
 
 
 def load_detector(cfg, checkpoint: Optional[str], trust: bool = False) -> torch.nn.Module:
-    """Build ``cfg``'s model on CPU (nothing downloaded) and load ``checkpoint`` strictly; eval mode.
-
-    The checkpoint's class names (``meta.dataset_meta.classes``), if it has them, become the model's
-    ``dataset_meta['classes']``, as mmdet's ``init_detector`` takes them.
+    """Build ``cfg``'s model on CPU (nothing downloaded) and :func:`load_weights` ``checkpoint``; eval mode.
 
     Raises:
         CheckpointLoadError: the checkpoint is missing, unsafe to load, or of another model.
     """
-    state = None if checkpoint is None else load_checkpoint_file(checkpoint, trust=trust)
     model = build_detector(copy.deepcopy(cfg))
-    if state is not None:
-        load_state_dict_strict(model, state.get('state_dict', state), f'checkpoint {checkpoint!r}')
-        classes = (state.get('meta') or {}).get('dataset_meta', {}).get('classes')
-        if classes:
-            model.dataset_meta = {**model.dataset_meta, 'classes': classes}
+    if checkpoint is not None:
+        load_weights(model, checkpoint, trust)
     return model.eval()
+
+
+def load_weights(model: torch.nn.Module, checkpoint: str, trust: bool = False) -> None:
+    """Load ``checkpoint`` into a built detector strictly (:func:`load_state_dict_strict`); its class names
+    (``meta.dataset_meta.classes``), if it has them, become ``model.dataset_meta['classes']``, as mmdet's
+    ``init_detector`` takes them."""
+    state = load_checkpoint_file(checkpoint, trust=trust)
+    load_state_dict_strict(model, state.get('state_dict', state), f'checkpoint {checkpoint!r}')
+    classes = (state.get('meta') or {}).get('dataset_meta', {}).get('classes')
+    if classes:
+        model.dataset_meta = {**model.dataset_meta, 'classes': classes}
 
 
 def to_weights_only(obj: Any) -> Any:

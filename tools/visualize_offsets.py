@@ -18,7 +18,7 @@ import argparse
 import os
 import os.path as osp
 
-from dcn_det.checkpoint import CheckpointLoadError, load_detector
+from dcn_det.checkpoint import CheckpointLoadError, build_detector, load_weights
 from dcn_det.cli import DictAction, UsageError, fail, load_config
 
 
@@ -83,11 +83,13 @@ def main(argv=None) -> str:
         if out is None:
             out = osp.join(cfg.work_dir, f'offsets_{osp.splitext(osp.basename(args.image))[0]}.png')
             check_out(out)
+
         from dcn_det import visualization as vis
 
         try:
-            model = load_detector(cfg, args.checkpoint, trust=args.trust_checkpoint)
-            layers = vis.select_layers(model, args.layers)
+            model = build_detector(cfg)
+            layers = vis.select_layers(model, args.layers)  # before the weights: a bad name fails fast
+            load_weights(model, args.checkpoint, trust=args.trust_checkpoint)
         except ValueError as e:
             raise UsageError(str(e)) from None
     except (UsageError, CheckpointLoadError) as e:
