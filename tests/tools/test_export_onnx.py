@@ -24,6 +24,7 @@ def tiny(tmp_path_factory):
     return cfg, write_checkpoint(cfg, root / 'tiny.pth')
 
 
+@pytest.mark.slow  # a full export, verified in onnxruntime
 def test_exports_a_verified_file_with_its_metadata(tiny, tmp_path):
     cfg, ckpt = tiny
     out = tmp_path / 'tiny.onnx'
