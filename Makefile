@@ -17,7 +17,7 @@ test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow" tests
 
 bench: setup
-	$(PY) benchmarks/run_all.py
+	$(PY) -m benchmarks.run_all
 
 clean:
 	rm -rf work_dirs

@@ -1,7 +1,7 @@
 """What a benchmark figure was measured on: every benchmark's JSON records it and its table names it.
 
 A ratio to a dense conv holds for one CPU: oneDNN's dense conv uses the widest vectors the CPU has
-(AVX-512 halves its time against AVX2), so the model and ``torch.backends.cpu.get_cpu_capability()``
+(AVX-512 against AVX2 changes its time a lot), so the model and ``torch.backends.cpu.get_cpu_capability()``
 go with every figure.
 """
 import datetime

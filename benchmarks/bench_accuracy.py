@@ -1,6 +1,6 @@
 """Accuracy on the shapes data: plain vs DCN variants, same schedule, several seeds -> bbox mAP mean ± std.
 
-    .venv/bin/python benchmarks/bench_accuracy.py [--variants plain mdconv mdpool dcnv2] [--seeds 0 1 2]
+    .venv/bin/python -m benchmarks.bench_accuracy [--variants plain mdconv mdpool dcnv2] [--seeds 0 1 2]
         [--epochs 12] [--jobs N] [--test-data DIR] [--work-root work_dirs/bench/accuracy]
         [--out work_dirs/bench/accuracy.json] [--plot work_dirs/bench/accuracy.png]
 
@@ -12,8 +12,7 @@ the val split of ``--test-data``. ``--epochs`` stretches the demo's schedule, lr
 Runs go seed by seed, variants interleaved, ``--jobs`` at a time (default: one per core), each with
 ``cores / jobs`` torch threads. The thread count is recorded: it changes the float summation order,
 so a run is reproducible with the same count. One run per core is faster than one run using every
-core: on 2 cores one epoch of the DCNv2 demo took 91 s alone with 2 threads, and two side by side
-with 1 thread each 119 s, 0.65 of the time per run (benchmarks/bench_parallel_runs.sh).
+core, as ``benchmarks/bench_parallel_runs.sh`` measures (README has its figures).
 
 Work dirs: <--work-root>/<variant>_s<seed>_e<epochs>. A finished run (its ``result.json``)
 is reused, not retrained; a run killed mid-way resumes from its last checkpoint. The JSON is rewritten

@@ -17,13 +17,12 @@ Peak extra memory is the most tensor memory one forward+backward holds at once o
 after one warm-up call: on CUDA ``torch.cuda.max_memory_allocated`` minus the allocation before the
 call; on CPU the running sum of the allocations and frees the PyTorch profiler records.
 
-    .venv/bin/python benchmarks/bench_deform_conv.py --threads 1,2 --repeats 7
-    .venv/bin/python benchmarks/bench_deform_conv.py --shapes demo-c3,demo-c4,demo-c5 --methods dense,native
+    .venv/bin/python -m benchmarks.bench_deform_conv --threads 1,2 --repeats 7
+    .venv/bin/python -m benchmarks.bench_deform_conv --shapes demo-c3,demo-c4,demo-c5 --methods dense,native
 """
 import argparse
 import contextlib
 import json
-import os.path as osp
 import statistics
 import sys
 import tempfile
@@ -34,9 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-
-from benchmarks._machine import describe, machine  # noqa: E402
+from benchmarks._machine import describe, machine
 
 # name: (channels, size, batch)
 SHAPES = {'c3': (128, 64, 2), 'c4': (256, 32, 2), 'c5': (512, 16, 2),

@@ -1,6 +1,6 @@
 """Deformable RoI pooling vs torchvision's aligned RoIAlign: forward and forward+backward time, peak memory.
 
-    .venv/bin/python benchmarks/bench_deform_roi_pool.py [--device cpu|cuda] [--repeats 5] [--rois 512]
+    .venv/bin/python -m benchmarks.bench_deform_roi_pool [--device cpu|cuda] [--repeats 5] [--rois 512]
 
 A stride-4 FPN level of two 512² images (2 x 256 x 128 x 128), RoIs of 16-112 px (log-uniform scale,
 aspect 1:3 to 3:1, sorted by image as mmdet's ``bbox2roi`` makes them), 7 x 7 output, adaptive sampling
@@ -28,12 +28,11 @@ from typing import Callable
 import torch
 import torchvision
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, REPO)
+from benchmarks._machine import describe, machine
+from benchmarks._memory import peak_rss, reset_peak_rss
+from dcn_det.ops import ModulatedDeformRoIPool, deform_roi_pool
 
-from benchmarks._machine import describe, machine  # noqa: E402
-from benchmarks._memory import peak_rss, reset_peak_rss  # noqa: E402
-from dcn_det.ops import ModulatedDeformRoIPool, deform_roi_pool  # noqa: E402
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 BASELINE = 'torchvision roi_align (aligned)'
 
@@ -106,8 +105,9 @@ def run(fn: Callable[[], torch.Tensor], wrt: list[torch.Tensor], grad: torch.Ten
 
 def peak_memory(variant: str, args: argparse.Namespace) -> float:
     """MiB of peak memory growth over one forward+backward, in a fresh process."""
-    out = subprocess.run([sys.executable, __file__, '--memory-of', variant, '--rois', str(args.rois),
-                          '--device', args.device], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, '-m', 'benchmarks.bench_deform_roi_pool', '--memory-of', variant,
+                          '--rois', str(args.rois), '--device', args.device], cwd=REPO, capture_output=True, text=True,
+                         check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 

@@ -1,6 +1,6 @@
 """The classic experiment with our op: regular vs deformable (DCNv1, DCNv2) convs on digits at random scales.
 
-    .venv/bin/python benchmarks/bench_digits.py [--seeds 0 1 2] [--epochs 12] [--quick]
+    .venv/bin/python -m benchmarks.bench_digits [--seeds 0 1 2] [--epochs 12] [--quick]
         [--out work_dirs/bench/digits.json] [--plot work_dirs/bench/digits.png]
 
 Data (``benchmarks/scaled_digits.py``): scikit-learn's 1797 8x8 digits, split 2:1 train/test
@@ -29,12 +29,11 @@ the mean radial offset of the last deformable layer on the digit (how far, in pi
 10x10 map, the 8 outer kernel points move away from the centre, averaged over the cells inside the
 digit's box; > 0 is a wider grid, +1 about what dilation 2 gives) per scale third.
 
-Published numbers, shown beside ours: they are *not* the same protocol. The scaled-MNIST pair
-(57.01% regular, 92.55% deformable; felixlaumon/deform-conv, a Keras reproduction of Dai et al.
-2017) trains the regular CNN on unscaled MNIST only and then fine-tunes only the offsets of the
-deformable CNN on scale-augmented MNIST (zoom 1-2.5x), so the regular CNN never sees a scaled digit.
-Here every variant trains on scaled digits. The CIFAR-10 triple (55.4 / 67.2 / 69.9% conv / DCNv1 /
-DCNv2) is quoted as given to us; its protocol is not known here.
+Published numbers (``PUBLISHED``), shown beside ours: they are *not* the same protocol. The scaled-MNIST
+pair (felixlaumon/deform-conv, a Keras reproduction of Dai et al. 2017) trains the regular CNN on
+unscaled MNIST only and then fine-tunes only the offsets of the deformable CNN on scale-augmented MNIST
+(zoom 1-2.5x), so the regular CNN never sees a scaled digit. Here every variant trains on scaled digits.
+The CIFAR-10 triple (conv / DCNv1 / DCNv2) is quoted as published; its protocol is not known here.
 """
 import argparse
 import json
@@ -47,9 +46,9 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from scaled_digits import load_digit_images, render_scaled, split_indices
 from torch import Tensor, nn
 
+from benchmarks.scaled_digits import load_digit_images, render_scaled, split_indices
 from dcn_det.models import DeformConv2dPack, ModulatedDeformConv2dPack
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))

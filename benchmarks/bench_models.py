@@ -1,6 +1,6 @@
 """Faster R-CNN R50-FPN: plain vs mdconv vs mdpool vs both, train step / inference time, memory, params.
 
-    .venv/bin/python benchmarks/bench_models.py [--device cpu|cuda] [--repeats 3] [--size 512]
+    .venv/bin/python -m benchmarks.bench_models [--device cpu|cuda] [--repeats 3] [--size 512]
 
 Same inputs for every variant (2 images, 5 boxes each), variants interleaved in every repeat,
 medians reported as ratios to plain measured in the same run. Peak memory: on CUDA
@@ -19,11 +19,10 @@ import time
 
 import torch
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, REPO)
+from benchmarks._machine import describe, machine
+from benchmarks._memory import peak_rss, reset_peak_rss
 
-from benchmarks._machine import describe, machine  # noqa: E402
-from benchmarks._memory import peak_rss, reset_peak_rss  # noqa: E402
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 VARIANTS = {
     'plain': ('faster_rcnn_r50_fpn.py', {}),
@@ -98,8 +97,8 @@ def params(model) -> dict:
 
 def peak_memory(variant: str, size: int, device: str) -> float:
     """MiB of peak memory growth over one train step, in a fresh process."""
-    out = subprocess.run([sys.executable, __file__, '--memory-of', variant, '--size', str(size), '--device', device],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, '-m', 'benchmarks.bench_models', '--memory-of', variant, '--size', str(size),
+                          '--device', device], cwd=REPO, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 

@@ -7,7 +7,7 @@ x86-64-v3 (AVX2 + FMA) without its AVX-512 clone. ``--before DIR`` runs a checko
 code (e.g. ``git worktree add /tmp/before 74c9d67``) in the same conditions, so the two native ops
 are compared as ratios to the same dense conv. MKL's sgemm, where used, picks its own code path.
 
-    .venv/bin/python benchmarks/bench_no_avx512.py [--before /tmp/before] [--repeats 7]
+    .venv/bin/python -m benchmarks.bench_no_avx512 [--before /tmp/before] [--repeats 7]
 """
 import argparse
 import json
@@ -74,7 +74,7 @@ def child(code: str, library: str, repeats: int) -> dict:
     """In the AVX2-limited process: time dense and native on every shape, with the code of checkout ``code``."""
     import torch
 
-    sys.path.insert(0, code)
+    sys.path.insert(0, code)  # that checkout's dcn_det, not the installed one
     if library:
         import importlib.util
 
@@ -103,15 +103,15 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], args.repeats)))
         return 0
-    sys.path.insert(0, REPO)
     from benchmarks._machine import describe, machine
 
     with tempfile.TemporaryDirectory() as tmp:
         library = build_avx2_kernel(tmp)
         runs = {}
         for label, code, lib in [('now', REPO, library)] + ([('before', args.before, '')] if args.before else []):
-            out = subprocess.run([sys.executable, __file__, '--repeats', str(args.repeats), '--child', code, lib],
-                                 env=dict(os.environ, **ENV), capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, '-m', 'benchmarks.bench_no_avx512', '--repeats', str(args.repeats),
+                                  '--child', code, lib], cwd=REPO, env=dict(os.environ, **ENV), capture_output=True,
+                                 text=True, check=True)
             runs[label] = json.loads(out.stdout.strip().splitlines()[-1])
     result = dict(machine=machine(), simulated=ENV, runs=runs)
     os.makedirs(osp.dirname(args.out), exist_ok=True)

@@ -1,7 +1,7 @@
 """ONNX export: agreement with PyTorch (mAP and per layer) and latency, onnxruntime vs PyTorch, CPU.
 
-    .venv/bin/python benchmarks/bench_onnx.py agreement --checkpoint work_dirs/shapes_r18_dcnv2/epoch_12.pth
-    .venv/bin/python benchmarks/bench_onnx.py latency [--checkpoint CKPT] [--threads 1 2] [--repeats 5]
+    .venv/bin/python -m benchmarks.bench_onnx agreement --checkpoint work_dirs/shapes_r18_dcnv2/epoch_12.pth
+    .venv/bin/python -m benchmarks.bench_onnx latency [--checkpoint CKPT] [--threads 1 2] [--repeats 5]
 
 ``agreement`` (default config: the demo's ``configs/shapes_r18_dcnv2.py``, its val set) exports the
 checkpoint with ``tools/export_onnx.py`` and evaluates it with ``tools/test.py`` (COCO bbox mAP):
@@ -31,10 +31,9 @@ import sys
 import tempfile
 import time
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, REPO)
+from benchmarks._machine import describe, machine
 
-from benchmarks._machine import describe, machine  # noqa: E402
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 DEMO = 'configs/shapes_r18_dcnv2.py'
 METRICS = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'bbox_mAP_s', 'bbox_mAP_m')
@@ -70,9 +69,9 @@ def agreement(args) -> dict:
     from mmengine.config import Config
 
     import dcn_det  # noqa: F401
+    from dcn_det.checkpoint import load_detector
     from dcn_det.deploy import TorchDetector, read_image
     from dcn_det.deploy.agreement import layer_agreement
-    from dcn_det.deploy.runners import load_detector
 
     cfg = Config.fromfile(osp.join(REPO, args.config))
     layer_key = roi_layer_key(cfg)
@@ -125,8 +124,8 @@ def latency(args) -> dict:
     from mmengine.config import Config
 
     import dcn_det  # noqa: F401
+    from dcn_det.checkpoint import load_detector
     from dcn_det.deploy import InputSpec, OnnxDetector, TorchDetector, config_classes, export_onnx, make_batch, prepare
-    from dcn_det.deploy.runners import load_detector
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Why bench_accuracy.py runs one training per core: one epoch of the DCNv2 demo trained once with
+# Why benchmarks.bench_accuracy runs one training per core: one epoch of the DCNv2 demo trained once with
 # 2 threads, then twice side by side with 1 thread each, on the same (2-core) machine, in one run.
 #   bash benchmarks/bench_parallel_runs.sh [CONFIG]     (default configs/shapes_r18_dcnv2.py; needs data/shapes)
 set -euo pipefail

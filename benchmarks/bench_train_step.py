@@ -1,7 +1,7 @@
 """Train-step time of a detector config against its plain twin, and where the time of one step goes.
 
-    .venv/bin/python benchmarks/bench_train_step.py                       # the demo: shapes_r18 dcnv2 vs plain
-    .venv/bin/python benchmarks/bench_train_step.py --model r50          # Faster R-CNN R50-FPN, 2 x 512²
+    .venv/bin/python -m benchmarks.bench_train_step                       # the demo: shapes_r18 dcnv2 vs plain
+    .venv/bin/python -m benchmarks.bench_train_step --model r50          # Faster R-CNN R50-FPN, 2 x 512²
 
 For each variant: the median time of a training iteration (data preprocessing, forward, losses,
 backward and an SGD step) on the same random inputs (mmdet's ``demo_mm_inputs``: the demo's batch of 4
@@ -24,10 +24,9 @@ import time
 
 import torch
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, REPO)
+from benchmarks._machine import describe, machine
 
-from benchmarks._machine import describe, machine  # noqa: E402
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 MODELS = {
     'demo': dict(variants={'plain': 'shapes_r18_plain.py', 'dcnv2': 'shapes_r18_dcnv2.py'}, batch=4, size=320,

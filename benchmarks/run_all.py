@@ -2,8 +2,8 @@
 
 Each benchmark also runs alone (its own --help); this script only calls them in turn with their
 defaults and gathers their JSON. Pass --quick for a smoke run (fewer repeats, seeds and epochs). Not
-here, as they need more than the repo: ``bench_no_avx512.py --before DIR`` (an older checkout) and
-``bench_onnx.py agreement --checkpoint CKPT`` (a trained demo checkpoint).
+here, as they need more than the repo: ``benchmarks.bench_no_avx512 --before DIR`` (an older checkout)
+and ``benchmarks.bench_onnx agreement --checkpoint CKPT`` (a trained demo checkpoint).
 """
 import argparse
 import json
@@ -14,14 +14,17 @@ import sys
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 BENCH = osp.join(REPO, 'work_dirs', 'bench')
 
+# name: (python's arguments that run it, its quick-run options)
 RUNS = {
-    'deform_conv': (['benchmarks/bench_deform_conv.py'], ['--repeats', '3']),
-    'deform_roi_pool': (['benchmarks/bench_deform_roi_pool.py'], ['--repeats', '3']),
-    'models': (['benchmarks/bench_models.py'], ['--repeats', '1', '--size', '320']),
-    'train_step_demo': (['benchmarks/bench_train_step.py'], ['--repeats', '1', '--no-profile']),
-    'onnx_latency': (['benchmarks/bench_onnx.py', 'latency'], ['--models', 'demo (R18 DCNv2, 320²)', '--repeats', '1']),
-    'digits': (['benchmarks/bench_digits.py'], ['--quick']),
-    'accuracy': (['benchmarks/bench_accuracy.py'], ['--seeds', '0', '--epochs', '2', '--variants', 'plain', 'dcnv2']),
+    'deform_conv': (['-m', 'benchmarks.bench_deform_conv'], ['--repeats', '3']),
+    'deform_roi_pool': (['-m', 'benchmarks.bench_deform_roi_pool'], ['--repeats', '3']),
+    'models': (['-m', 'benchmarks.bench_models'], ['--repeats', '1', '--size', '320']),
+    'train_step_demo': (['-m', 'benchmarks.bench_train_step'], ['--repeats', '1', '--no-profile']),
+    'onnx_latency': (['-m', 'benchmarks.bench_onnx', 'latency'],
+                     ['--models', 'demo (R18 DCNv2, 320²)', '--repeats', '1']),
+    'digits': (['-m', 'benchmarks.bench_digits'], ['--quick']),
+    'accuracy': (['-m', 'benchmarks.bench_accuracy'],
+                 ['--seeds', '0', '--epochs', '2', '--variants', 'plain', 'dcnv2']),
 }
 
 
@@ -61,8 +64,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     summary = {}
     for name in args.only:
-        script, quick = RUNS[name]
-        cmd = [sys.executable, *script, *(quick if args.quick else [])]
+        module, quick = RUNS[name]
+        cmd = [sys.executable, *module, *(quick if args.quick else [])]
         print(f'\n$ {" ".join(cmd[1:])}', flush=True)
         subprocess.run(cmd, cwd=REPO, check=True)
         with open(osp.join(BENCH, f'{name}.json')) as f:

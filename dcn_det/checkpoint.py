@@ -6,13 +6,16 @@ and ``tools/test.py CKPT`` fail, and the only way to load such a file is to unpi
 Our trust model: checkpoints written by dcn_det hold tensors, numbers, strings and containers only
 (:func:`to_weights_only`) and load safely; a foreign checkpoint that needs full unpickling is loaded
 only when the user names that file with ``--trust-checkpoint`` (:func:`load_checkpoint_file`).
+:func:`load_detector` is what the tools, the deployment code and the benchmarks build a trained
+detector with: the config's model, the checkpoint loaded strictly.
 """
+import copy
 import os
 import os.path as osp
 import pickle
 import zipfile
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -90,6 +93,41 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str
     if any(differences.values()):
         raise CheckpointLoadError(f"{source} does not belong to this config's model: "
                                   + describe_differences(differences))
+
+
+def build_detector(cfg) -> torch.nn.Module:
+    """mmdet's ``init_detector`` on CPU, with no backbone init: nothing is downloaded. Changes ``cfg``."""
+    import warnings
+
+    from mmdet.apis import init_detector
+
+    cfg.model.backbone.init_cfg = None
+    # record=True swallows init_detector's "checkpoint is None, use COCO classes": the weights come later
+    with warnings.catch_warnings(record=True):
+        return init_detector(cfg, checkpoint=None, device='cpu')
+
+
+def load_detector(cfg, checkpoint: Optional[str], trust: bool = False) -> torch.nn.Module:
+    """Build ``cfg``'s model on CPU (nothing downloaded) and :func:`load_weights` ``checkpoint``; eval mode.
+
+    Raises:
+        CheckpointLoadError: the checkpoint is missing, unsafe to load, or of another model.
+    """
+    model = build_detector(copy.deepcopy(cfg))
+    if checkpoint is not None:
+        load_weights(model, checkpoint, trust)
+    return model.eval()
+
+
+def load_weights(model: torch.nn.Module, checkpoint: str, trust: bool = False) -> None:
+    """Load ``checkpoint`` into a built detector strictly (:func:`load_state_dict_strict`); its class names
+    (``meta.dataset_meta.classes``), if it has them, become ``model.dataset_meta['classes']``, as mmdet's
+    ``init_detector`` takes them."""
+    state = load_checkpoint_file(checkpoint, trust=trust)
+    load_state_dict_strict(model, state.get('state_dict', state), f'checkpoint {checkpoint!r}')
+    classes = (state.get('meta') or {}).get('dataset_meta', {}).get('classes')
+    if classes:
+        model.dataset_meta = {**model.dataset_meta, 'classes': classes}
 
 
 def to_weights_only(obj: Any) -> Any:

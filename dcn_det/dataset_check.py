@@ -9,7 +9,9 @@ annotation JSON is parsed once here, so a truncated download is caught before tr
 """
 import json
 import os.path as osp
-from typing import Any, Iterator, Sequence, Tuple
+from typing import Any, Sequence, Tuple
+
+from dcn_det.data.wrappers import leaf_datasets
 
 
 class DatasetFileError(Exception):
@@ -28,7 +30,7 @@ def check_dataset_files(cfg: Any, mode: str) -> None:
     loaders, evaluators = _sections(cfg, mode)
     for loader in loaders:
         if cfg.get(loader) is not None:
-            for where, dataset in _datasets(cfg[loader].get('dataset'), f'{loader}.dataset'):
+            for where, dataset in leaf_datasets(cfg[loader].get('dataset'), f'{loader}.dataset'):
                 _check_dataset(where, dataset)
     for name in evaluators:
         metrics = cfg.get(name)
@@ -47,18 +49,6 @@ def _sections(cfg: Any, mode: str) -> Tuple[Sequence[str], Sequence[str]]:
     if all(cfg.get(k) is not None for k in ('val_cfg', 'val_dataloader', 'val_evaluator')):
         return ['train_dataloader', 'val_dataloader'], ['val_evaluator']
     return ['train_dataloader'], []
-
-
-def _datasets(dataset: Any, where: str) -> Iterator[Tuple[str, dict]]:
-    if not isinstance(dataset, dict):
-        return
-    if isinstance(dataset.get('dataset'), dict):  # RepeatDataset, ClassBalancedDataset, MultiImageMixDataset
-        yield from _datasets(dataset['dataset'], f'{where}.dataset')
-    elif isinstance(dataset.get('datasets'), (list, tuple)):  # ConcatDataset
-        for i, d in enumerate(dataset['datasets']):
-            yield from _datasets(d, f'{where}.datasets.{i}')
-    else:
-        yield where, dataset
 
 
 def _resolve(data_root: str, path: str) -> str:

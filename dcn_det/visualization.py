@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dcn_det.checkpoint import atomic_write
+from dcn_det.checkpoint import atomic_write, build_detector  # noqa: F401  (part of this module's API)
 
 LEVEL_COLOURS = ('#ffd700', '#00a2ff', '#ff1a1a', '#b000ff', '#00e0a0')  # top layer first; deepest red-ish
 UNIT_COLOUR = '#22dd22'  # the activation unit: green, as in the papers
@@ -272,18 +272,6 @@ def plot_sampling(image: np.ndarray, panels: Sequence[Panel], layer_names: Seque
 
 
 # The detector side: build it, pick its layers, run it once, turn image points into panels.
-
-def build_detector(cfg) -> nn.Module:
-    """mmdet's ``init_detector`` on CPU, with no backbone init: nothing is downloaded."""
-    import warnings
-
-    from mmdet.apis import init_detector
-
-    cfg.model.backbone.init_cfg = None
-    # record=True swallows init_detector's "checkpoint is None, use COCO classes": the weights come later
-    with warnings.catch_warnings(record=True):
-        return init_detector(cfg, checkpoint=None, device='cpu')
-
 
 def select_layers(model: nn.Module, names: Optional[Sequence[str]] = None,
                   count: int = 3) -> Dict[str, nn.Module]:

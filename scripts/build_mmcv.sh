@@ -10,7 +10,7 @@
 # where torch's headers need C++20 (torch >= 2.12), and imports pkg_resources, gone from setuptools >= 81.
 # This script fetches the sdist through pip (pip's own index, proxy and certificate settings apply) in
 # hash-checking mode (its sha256 is in pyproject.toml, [tool.dcn_det]), switches the std flags to C++20,
-# builds with setuptools < 81 and no build isolation (~15 min on 2 cores), and caches the wheel under
+# builds with setuptools < 81 and no build isolation (long: it compiles all of mmcv's ops), and caches the wheel under
 # $DCN_DET_CACHE (default ~/.cache/dcn_det), keyed by mmcv, torch, Python and CPU/CUDA: every later build
 # for the same key installs the cached wheel in seconds.
 set -euo pipefail

@@ -67,11 +67,11 @@ else
     tests/ops/test_conformance.py --junitxml="$OUT_DIR/cuda_tests.xml"
   tests_rc=$?
   echo "[gpu_check] deformable conv benchmark, $methods (limit 150 s)"
-  timeout 150 "$PY" benchmarks/bench_deform_conv.py --device cuda --methods "$methods" --repeats 25 \
+  timeout 150 "$PY" -m benchmarks.bench_deform_conv --device cuda --methods "$methods" --repeats 25 \
     --out "$OUT_DIR/deform_conv_cuda.json"
   bench_rc=$?
   echo "[gpu_check] deformable RoI pooling benchmark (limit 60 s)"
-  timeout 60 "$PY" benchmarks/bench_deform_roi_pool.py --device cuda --out "$OUT_DIR/deform_roi_pool_cuda.json"
+  timeout 60 "$PY" -m benchmarks.bench_deform_roi_pool --device cuda --out "$OUT_DIR/deform_roi_pool_cuda.json"
   pool_rc=$?
 fi
 

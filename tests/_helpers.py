@@ -1,8 +1,13 @@
 """Shared test helpers."""
+import itertools
 import os.path as osp
+
+import torch
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIG_DIR = osp.join(REPO, 'configs')
+# a 3x3 kernel's points (dy, dx) in row-major order, as deformable convs number them
+GRID = torch.tensor(list(itertools.product((-1, 0, 1), repeat=2)), dtype=torch.float64)
 
 
 def shrink_detector(cfg, base_channels: int = 8, num_classes: int = 3, fc: int = 32):

@@ -109,3 +109,25 @@ def test_a_truncated_checkpoint_is_named_as_such(tmp_path):
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(CheckpointLoadError, match='is not a PyTorch checkpoint'):
         load_checkpoint_file(str(path))
+
+
+def test_load_detector_loads_strictly_and_takes_the_checkpoints_classes(tmp_path):
+    import os.path as osp
+
+    from mmengine.config import Config
+
+    from dcn_det.checkpoint import load_detector
+    from tests._helpers import CONFIG_DIR, shrink_detector
+
+    def config(num_classes):
+        return shrink_detector(Config.fromfile(osp.join(CONFIG_DIR, 'shapes_r18_dcnv2.py')), num_classes=num_classes)
+
+    torch.manual_seed(0)
+    trained = load_detector(config(3), None)
+    path = str(tmp_path / 'trained.pth')
+    torch.save({'meta': {'dataset_meta': {'classes': ('a', 'b', 'c')}}, 'state_dict': trained.state_dict()}, path)
+    loaded = load_detector(config(3), path)
+    assert not loaded.training and loaded.dataset_meta['classes'] == ('a', 'b', 'c')
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in trained.state_dict().items())
+    with pytest.raises(CheckpointLoadError, match="does not belong to this config's model: 4 shape mismatches"):
+        load_detector(config(4), path)

@@ -23,13 +23,10 @@ import argparse
 import os
 import os.path as osp
 import re
-import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-
-from dcn_det.checkpoint import CheckpointLoadError, atomic_save, load_checkpoint_file  # noqa: E402
-from dcn_det.cli import UsageError, fail  # noqa: E402
+from dcn_det.checkpoint import CheckpointLoadError, atomic_save, load_checkpoint_file
+from dcn_det.cli import UsageError, fail
 
 # Every torchvision (and mmdet) ResNet has these two keys; their common prefix is the wrapper's.
 _STEM, _FIRST_BLOCK = 'conv1.weight', 'layer1.0.conv1.weight'

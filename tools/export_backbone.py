@@ -19,13 +19,10 @@ loads it with ``strict=False``, missing only ``fc``. Every key dropped or not ma
 import argparse
 import os.path as osp
 import re
-import sys
 from typing import Dict, List, Tuple
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-
-from dcn_det.checkpoint import CheckpointLoadError, atomic_save, load_checkpoint_file  # noqa: E402
-from dcn_det.cli import UsageError, fail  # noqa: E402
+from dcn_det.checkpoint import CheckpointLoadError, atomic_save, load_checkpoint_file
+from dcn_det.cli import UsageError, fail
 
 PREFIX = 'backbone.'
 

@@ -11,18 +11,11 @@ RPN proposals with NMS, the RoI head with (modulated) deformable RoI pooling (``
 offset bins, with the config's sampling ratio, adaptive included), box decoding and per-class NMS.
 Only standard ONNX domains are used (checked); opset 19 or newer (``DeformConv`` is opset 19).
 
-The file's contract (also written into its metadata, ``dcn_det.*`` keys, with the class names and the
-config it came from):
-
-- inputs: ``images float32[N, 3, H, W]``: pixels 0-255, BGR as cv2 reads them, each image resized as the
-  config's test pipeline resizes it and placed at the top left of the batch (the rest is ignored);
-  ``img_shapes float32[N, 2]``: (h, w) of each resized image; ``scale_factors float64[N, 2]``: (w, h)
-  scale from the original image (double, as mmdet keeps it, so that boxes are rescaled to the last bit
-  as mmdet rescales them). Normalisation (mean/std, BGR->RGB) happens inside the graph; resizing
-  and padding outside it (``dcn_det.deploy.prepare`` / ``make_batch`` do both exactly as mmdet does).
-- outputs: ``boxes float32[N, K, 4]`` (x1, y1, x2, y2) in original-image pixels, ``scores float32[N, K]``,
-  ``labels int64[N, K]``, ``num_dets int64[N]``; K is the config's ``test_cfg.rcnn.max_per_img`` and
-  rows past ``num_dets[i]`` are padding.
+The file's inputs and outputs (``images``, ``img_shapes``, ``scale_factors`` in; ``boxes``, ``scores``,
+``labels``, ``num_dets`` out) are stated in ``dcn_det/deploy/metadata.py``; its metadata (``dcn_det.*``
+keys) holds the class names, the input preparation and the config it came from. Normalisation happens
+inside the graph, resizing and padding outside it (``dcn_det.deploy.prepare`` / ``make_batch`` do both
+exactly as mmdet does).
 
 By default the input has a fixed shape: batch 1 (``--batch-size``) and the smallest padded size that
 holds every image the config's resize makes (square for a keep-ratio resize, e.g. 320x320 for the demo,
@@ -38,10 +31,8 @@ import argparse
 import os.path as osp
 import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-
-from dcn_det.checkpoint import CheckpointLoadError  # noqa: E402
-from dcn_det.cli import DictAction, UsageError, fail, load_config  # noqa: E402
+from dcn_det.checkpoint import CheckpointLoadError
+from dcn_det.cli import DictAction, UsageError, fail, load_config
 
 
 def parse_args(argv=None):
@@ -67,6 +58,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    from dcn_det.checkpoint import load_detector
     from dcn_det.deploy import (
         ConfigNotDeployableError,
         InputSpec,
@@ -75,7 +67,6 @@ def main(argv=None):
         export_onnx,
     )
     from dcn_det.deploy.export import check_target
-    from dcn_det.deploy.runners import load_detector
 
     args = parse_args(argv)
     try:

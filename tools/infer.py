@@ -30,10 +30,8 @@ import os.path as osp
 import sys
 import time
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-
-from dcn_det.checkpoint import CheckpointLoadError, atomic_write  # noqa: E402
-from dcn_det.cli import DictAction, UsageError, fail, load_config  # noqa: E402
+from dcn_det.checkpoint import CheckpointLoadError, atomic_write
+from dcn_det.cli import DictAction, UsageError, fail, load_config
 
 SAVE_EVERY = 50
 
@@ -55,14 +53,14 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def make_runner(args, cfg):
+def make_detector(args, cfg):
+    from dcn_det.checkpoint import load_detector
     from dcn_det.deploy import OnnxDetector, TorchDetector
-    from dcn_det.deploy.runners import load_detector
 
     if args.onnx:
-        runner = OnnxDetector(args.onnx, threads=args.threads)
-        runner.check_matches(cfg, args.config, args.checkpoint)
-        return runner, runner.classes
+        detector = OnnxDetector(args.onnx, threads=args.threads)
+        detector.check_matches(cfg, args.config, args.checkpoint)
+        return detector, detector.classes
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -94,7 +92,7 @@ def main(argv=None) -> dict:
         files = find_images(args.inputs)
         if not files:
             raise UsageError(f'no images found in {" ".join(args.inputs)}')
-        runner, classes = make_runner(args, cfg)
+        detector, classes = make_detector(args, cfg)
     except (UsageError, CheckpointLoadError, ConfigNotDeployableError, ModelMismatchError) as e:
         fail(str(e))
     os.makedirs(out_dir, exist_ok=True)
@@ -109,7 +107,7 @@ def main(argv=None) -> dict:
         for i, path in enumerate(files):
             try:
                 image = read_image(path)
-                det = runner([image])[0].above(args.score_thr)
+                det = detector([image])[0].above(args.score_thr)
             except (ImageReadError, ValueError) as e:
                 print(f'\nskipped {e}', file=sys.stderr)
                 report['skipped'].append(dict(file=path, error=str(e)))

@@ -18,9 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from dcn_det.data.synthetic import DEFAULT_CLASSES, SHAPES, generate  # noqa: E402
+from dcn_det.data.synthetic import DEFAULT_CLASSES, SHAPES, generate
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:

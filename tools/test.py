@@ -14,12 +14,9 @@ sides named, unless its classes, input preparation and source checkpoint are CON
 import argparse
 import json
 import os.path as osp
-import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-
-from dcn_det.checkpoint import CheckpointLoadError, load_checkpoint_file, load_state_dict_strict  # noqa: E402
-from dcn_det.cli import DictAction, UsageError, build_runner, check_data, fail, load_config, set_local_rank  # noqa: E402
+from dcn_det.checkpoint import CheckpointLoadError, load_checkpoint_file, load_state_dict_strict
+from dcn_det.cli import DictAction, UsageError, build_runner, check_data, fail, load_config, set_local_rank
 
 AP_NAMES = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'bbox_mAP_s', 'bbox_mAP_m', 'bbox_mAP_l')
 

@@ -7,20 +7,14 @@ and multi-node runs go through ``tools/dist_train.sh`` (torchrun) or ``--launche
 import argparse
 import glob
 import os.path as osp
-import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-
-from dcn_det.checkpoint import CheckpointLoadError, load_checkpoint_file  # noqa: E402
-from dcn_det.cli import DictAction, UsageError, build_runner, check_data, fail, load_config, set_local_rank  # noqa: E402
+from dcn_det.checkpoint import CheckpointLoadError, load_checkpoint_file
+from dcn_det.cli import DictAction, UsageError, build_runner, check_data, fail, load_config, set_local_rank
 
 # mmengine's AmpOptimWrapper asserts one of these deep inside the runner; elsewhere --amp is refused up front.
-# bfloat16 autocast on a CPU was tried instead (2026-12-02, AMD EPYC with avx512_bf16, torch CPU capability
-# AVX512, 2 threads, other jobs running): over the whole forward it dies in mmcv's CPU NMS on the RPN
-# proposals ("expected scalar type Float but found BFloat16"); over backbone + neck only (every conv, dense
-# and deformable) a train step of configs/shapes_r18_dcnv2.py (4 x 320² images, 10 steps each, interleaved)
-# took 5.45 s median / 3.47 s best against 5.93 / 3.32 s in float32, loss 2.517 vs 2.518: no gain beyond
-# the noise, as the deformable ops compute in float32 inside.
+# bfloat16 autocast on a CPU is no substitute: over the whole forward it dies in mmcv's CPU NMS on the RPN
+# proposals ("expected scalar type Float but found BFloat16"), and over backbone + neck only it was not faster
+# (README, Train), as the deformable ops compute in float32 inside.
 AMP_DEVICES = ('cuda', 'npu', 'mlu', 'musa')
 CPU_AMP = ("--amp needs a GPU (mmengine's AmpOptimWrapper: CUDA, NPU, MLU or MUSA); bfloat16 autocast on a CPU "
            "breaks mmcv's CPU NMS and was not faster where it ran (see tools/train.py): train without --amp")

@@ -17,12 +17,9 @@ layer's mean |offset| in pixels of the network input, 0 for a layer that learnt 
 import argparse
 import os
 import os.path as osp
-import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-
-from dcn_det.checkpoint import CheckpointLoadError, load_checkpoint_file, load_state_dict_strict  # noqa: E402
-from dcn_det.cli import DictAction, UsageError, fail, load_config  # noqa: E402
+from dcn_det.checkpoint import CheckpointLoadError, build_detector, load_weights
+from dcn_det.cli import DictAction, UsageError, fail, load_config
 
 
 def point(text: str):
@@ -86,14 +83,13 @@ def main(argv=None) -> str:
         if out is None:
             out = osp.join(cfg.work_dir, f'offsets_{osp.splitext(osp.basename(args.image))[0]}.png')
             check_out(out)
-        ckpt = load_checkpoint_file(args.checkpoint, trust=args.trust_checkpoint)
 
         from dcn_det import visualization as vis
 
         try:
-            model = vis.build_detector(cfg)
-            layers = vis.select_layers(model, args.layers)
-            load_state_dict_strict(model, ckpt.get('state_dict', ckpt), f'checkpoint {args.checkpoint!r}')
+            model = build_detector(cfg)
+            layers = vis.select_layers(model, args.layers)  # before the weights: a bad name fails fast
+            load_weights(model, args.checkpoint, trust=args.trust_checkpoint)
         except ValueError as e:
             raise UsageError(str(e)) from None
     except (UsageError, CheckpointLoadError) as e:
@@ -104,8 +100,7 @@ def main(argv=None) -> str:
     for m in maps:
         mask = f', mean mask {m.mask.mean():.3f}' if m.mask is not None else ''
         print(f'{m.name}: output stride {m.out_stride[0]}, mean |offset| {m.mean_abs_offset():.3f} px{mask}')
-    classes = (ckpt.get('meta') or {}).get('dataset_meta', {}).get('classes', ()) or \
-        model.dataset_meta.get('classes', ())
+    classes = model.dataset_meta.get('classes', ())
     if args.points:
         points = [('point', (y, x)) for x, y in args.points]
     else:

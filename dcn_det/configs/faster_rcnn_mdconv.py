@@ -1,3 +1,4 @@
-# mdconv c3-c5 only (mmdet zoo: 41.4 box AP vs 37.4 plain).
-_base_ = ['./_base_/faster_rcnn_r50_fpn_coco.py', './_base_/dcn_layers.py']
-model = dict(backbone=_base_.mdconv_c3_c5)
+# Modulated deformable convs in c3-c5 only (mmdet's model zoo has the same model).
+_base_ = './_base_/faster_rcnn_r50_fpn_coco.py'
+model = dict(
+    backbone=dict(dcn=dict(_delete_=True, type='MDConv', deform_groups=1), stage_with_dcn=(False, True, True, True)))

@@ -1,3 +1,4 @@
 # Demo, DCNv2 convs only (c3-c5).
-_base_ = ['./_base_/shapes_r18_cpu.py', './_base_/dcn_layers.py']
-model = dict(backbone=_base_.mdconv_c3_c5)
+_base_ = './_base_/shapes_r18_cpu.py'
+model = dict(
+    backbone=dict(dcn=dict(_delete_=True, type='MDConv', deform_groups=1), stage_with_dcn=(False, True, True, True)))

@@ -1,19 +1,14 @@
-"""Deployment: a dcn_det (or mmdet) Faster R-CNN as one standard ONNX file, and runners for images.
+"""Deployment: a dcn_det (or mmdet) Faster R-CNN as one standard ONNX file, run on images in onnxruntime or PyTorch.
 
 Layering: this package uses ``dcn_det.ops``/``dcn_det.models``, mmdet, torch/torchvision and onnx,
 onnxscript, onnxruntime; nothing below it imports it. The tools ``export_onnx.py``, ``infer.py`` and
 ``test.py --onnx`` are thin command lines over it.
 """
+from .backends import ModelMismatchError, OnnxDetector, TorchDetector, onnx_eval_model
 from .detections import Detections, count_unmatched
-from .detector import (
-                       INPUT_NAMES,
-                       OUTPUT_NAMES,
-                       DeployableDetector,
-                       NotExportableError,
-                       check_exportable,
-                       export_kernels,
-)
-from .export import META, MIN_OPSET, ExportResult, check_standard, config_classes, export_onnx, read_metadata
+from .detector import DeployableDetector, NotExportableError, check_exportable, export_kernels
+from .export import MIN_OPSET, ExportResult, check_standard, export_onnx, read_metadata
+from .metadata import INPUT_NAMES, META, OUTPUT_NAMES, config_classes
 from .preprocess import (
                        ConfigNotDeployableError,
                        ImageReadError,
@@ -23,7 +18,6 @@ from .preprocess import (
                        prepare,
                        read_image,
 )
-from .runners import ModelMismatchError, OnnxDetector, TorchDetector, onnx_eval_model
 from .translations import CUSTOM_TRANSLATIONS
 
 __all__ = ['CUSTOM_TRANSLATIONS', 'INPUT_NAMES', 'META', 'MIN_OPSET', 'OUTPUT_NAMES', 'ConfigNotDeployableError',

@@ -32,9 +32,6 @@ from torch import Tensor, nn
 
 from .preprocess import InputSpec
 
-INPUT_NAMES = ('images', 'img_shapes', 'scale_factors')
-OUTPUT_NAMES = ('boxes', 'scores', 'labels', 'num_dets')
-
 
 class NotExportableError(ValueError):
     """A part of the model that cannot be exported; the message names the layer, why, and the fix."""
@@ -48,20 +45,8 @@ class DeployableDetector(nn.Module):
             (bbox only), e.g. any dcn_det config's model; checked by :func:`check_exportable`.
         spec (InputSpec): the normalisation (and padding value) applied inside.
 
-    Inputs:
-        images (Tensor[N, 3, H, W], float32): pixel values 0-255 in the channel order the config loads
-            (BGR from cv2), each image resized by the config's test pipeline and placed at the top left;
-            H and W multiples of ``spec.pad_size_divisor``. What lies outside an image is ignored.
-        img_shapes (Tensor[N, 2], float32): (h, w) of each resized image inside the batch.
-        scale_factors (Tensor[N, 2], float64): (w_scale, h_scale) from the original image to the resized
-            one (mmdet's ``scale_factor``). Double, as mmdet holds it: boxes are rescaled by its reciprocal
-            rounded to float32, exactly as mmdet rescales them.
-
-    Outputs, K = ``test_cfg.rcnn.max_per_img``, each image's detections first, by falling score:
-        boxes (Tensor[N, K, 4], float32): (x1, y1, x2, y2) in original-image pixels; 0 past ``num_dets``.
-        scores (Tensor[N, K], float32): 0 past ``num_dets``.
-        labels (Tensor[N, K], int64): class indices into the config's classes; -1 past ``num_dets``.
-        num_dets (Tensor[N], int64): detections of each image.
+    Inputs and outputs: those of the exported file, stated once in :mod:`dcn_det.deploy.metadata`
+    (``INPUTS``, ``OUTPUTS``; K = ``test_cfg.rcnn.max_per_img``).
     """
 
     def __init__(self, detector: nn.Module, spec: InputSpec) -> None:

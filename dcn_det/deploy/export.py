@@ -6,9 +6,8 @@
 (opset 19), (modulated) deformable RoI pooling becomes ``RoiAlign`` over offset bins (with the
 adaptive sampling ratio the configs train with), NMS ``NonMaxSuppression``. The result is checked
 with ``onnx.checker`` (full check), refused if any node lies outside the standard domains, given its
-metadata (:data:`META`), written atomically, and run once in onnxruntime against PyTorch.
+metadata (:data:`~dcn_det.deploy.metadata.META`), written atomically, and run once in onnxruntime against PyTorch.
 """
-import hashlib
 import json
 import logging
 import os
@@ -25,28 +24,13 @@ from torch import nn
 from dcn_det.checkpoint import atomic_write
 
 from .detections import count_unmatched
-from .detector import INPUT_NAMES, OUTPUT_NAMES, DeployableDetector, export_kernels, name_failing_layer
+from .detector import DeployableDetector, export_kernels, name_failing_layer
+from .metadata import INPUT_NAMES, META, OUTPUT_NAMES, OUTPUTS_DOC, file_sha256
 from .preprocess import InputSpec
 
 MIN_OPSET = 19  # ONNX DeformConv exists from opset 19
 DEFAULT_OPSET = 19
 STANDARD_DOMAINS = ('', 'ai.onnx')
-
-# metadata_props keys written into every exported file
-META = dict(
-    classes='dcn_det.classes',  # JSON list of class names, index = label
-    input='dcn_det.input',  # InputSpec as JSON: resize, normalisation, padding
-    input_shape='dcn_det.input_shape',  # JSON [N, 3, H, W], null for a dynamic dimension
-    outputs='dcn_det.outputs',  # what the outputs hold
-    config='dcn_det.config',  # the full config the model was built from (mmengine pretty text)
-    config_path='dcn_det.config_path',
-    checkpoint='dcn_det.checkpoint',
-    checkpoint_sha256='dcn_det.checkpoint_sha256',
-    versions='dcn_det.versions',  # JSON {package: version} of the exporting environment
-)
-OUTPUTS_DOC = ('boxes float32[N, K, 4] (x1, y1, x2, y2) in original-image pixels; scores float32[N, K]; '
-               'labels int64[N, K] (index into dcn_det.classes); num_dets int64[N]: the first num_dets[i] rows '
-               'of image i are its detections by falling score, the rest is padding (boxes 0, scores 0, labels -1)')
 
 
 @dataclass
@@ -132,7 +116,7 @@ def export_onnx(detector: nn.Module, spec: InputSpec, out: str, *, classes: Sequ
     _save_atomic(model, out)
     result = ExportResult(out, opset, input_shape, sorted({node.op_type for node in model.graph.node}), {}, True)
     if verify:
-        from .runners import OnnxDetector
+        from .backends import OnnxDetector
 
         got = OnnxDetector(out).session.run(None, {k: v.numpy() for k, v in zip(INPUT_NAMES, example, strict=True)})
         expected = [t.numpy() for t in expected]
@@ -201,27 +185,6 @@ def read_metadata(model_or_path) -> dict[str, str]:
 
     model = onnx.load(model_or_path, load_external_data=False) if isinstance(model_or_path, str) else model_or_path
     return {p.key: p.value for p in model.metadata_props}
-
-
-def config_classes(cfg) -> tuple[str, ...]:
-    """The class names a config's test set uses: its ``metainfo`` if set, else the dataset class's own."""
-    from mmdet.registry import DATASETS
-
-    dataset = cfg.test_dataloader.dataset
-    while 'dataset' in dataset and 'metainfo' not in dataset:
-        dataset = dataset.dataset
-    metainfo = dataset.get('metainfo') or {}
-    if metainfo.get('classes'):
-        return tuple(metainfo['classes'])
-    return tuple(DATASETS.get(dataset.type).METAINFO['classes'])
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 22), b''):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _dynamic_shapes(divisor: int) -> dict:

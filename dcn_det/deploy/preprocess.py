@@ -22,6 +22,8 @@ from typing import NamedTuple, Optional, Sequence
 import cv2
 import numpy as np
 
+from dcn_det.data.wrappers import outermost_with
+
 # cv2.imread's formats; a folder given to the tools is searched for these
 IMAGE_EXTENSIONS = ('.bmp', '.jpeg', '.jpg', '.png', '.tif', '.tiff', '.webp')
 
@@ -140,7 +142,6 @@ class Prepared(NamedTuple):
     """One resized image: ``image (ndarray[3, h, w])`` (uint8 or float32), ``scale_factor (w, h)``."""
     image: np.ndarray
     scale_factor: tuple[float, float]
-    ori_shape: tuple[int, int]
 
 
 def read_image(path: str) -> np.ndarray:
@@ -170,19 +171,16 @@ def prepare(image: np.ndarray, spec: InputSpec) -> Prepared:
         image = image.astype(np.float32)
     new_h, new_w = spec.resized_size(h, w)
     resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    return Prepared(np.ascontiguousarray(resized.transpose(2, 0, 1)), (new_w / w, new_h / h), (h, w))
+    return Prepared(np.ascontiguousarray(resized.transpose(2, 0, 1)), (new_w / w, new_h / h))
 
 
 def make_batch(images: Sequence[np.ndarray], scale_factors: Sequence[Sequence[float]], spec: InputSpec,
                shape: Optional[tuple[int, int]] = None) -> dict[str, np.ndarray]:
-    """The graph's inputs for resized images ``images (ndarray[3, h_i, w_i])``.
+    """The graph's inputs (:data:`dcn_det.deploy.metadata.INPUTS`) for resized images
+    ``images (ndarray[3, h_i, w_i])`` and their ``scale_factors`` ((w, h) from the original image).
 
     Pads to ``shape`` (H, W) when given (a model with a fixed input), else to the largest image
     rounded up to ``pad_size_divisor``, as mmdet's ``DetDataPreprocessor`` pads a batch.
-
-    Returns:
-        ``images (float32[N, 3, H, W])``, ``img_shapes (float32[N, 2])`` (h, w of each resized image),
-        ``scale_factors (float64[N, 2])`` ((w, h) scale from the original image; double, as mmdet keeps it).
 
     Raises:
         ValueError: an image larger than ``shape``; the message says how to export for it.
@@ -218,9 +216,7 @@ def find_images(inputs: Sequence[str]) -> list[str]:
 
 def _test_pipeline(cfg) -> list:
     loader = cfg.get('test_dataloader') or {}
-    dataset = loader.get('dataset') or {}
-    while 'pipeline' not in dataset and 'dataset' in dataset:  # wrappers (ConcatDataset's single child aside)
-        dataset = dataset['dataset']
+    dataset = outermost_with(loader.get('dataset') or {}, 'pipeline')
     pipeline = dataset.get('pipeline') or cfg.get('test_pipeline')
     if not pipeline:
         raise ConfigNotDeployableError('the config has no test pipeline (test_dataloader.dataset.pipeline)')

@@ -3,15 +3,12 @@ from mmdet.registry import MODELS
 
 from dcn_det.ops import DeformRoIPool, ModulatedDeformRoIPool
 
+from .backbones import DCNResNet
 from .layers import DeformConv2dPack, ModulatedDeformConv2dPack
+from .roi_heads import DeformRoIExtractor
 
-# Short aliases as in mmdet's config names (mdconv / dconv); mmcv's own 'DCNv2'/'DCN' stay mmcv's.
-MODELS.register_module('MDConv', module=ModulatedDeformConv2dPack)
-MODELS.register_module('DConv', module=DeformConv2dPack)
+# the ops layer knows no registry: its RoI pooling layers are registered here
 MODELS.register_module(module=ModulatedDeformRoIPool)
 MODELS.register_module(module=DeformRoIPool)
-
-from .backbones import DCNResNet  # noqa: E402
-from .roi_heads import DeformRoIExtractor  # noqa: E402
 
 __all__ = ['DCNResNet', 'DeformConv2dPack', 'DeformRoIExtractor', 'ModulatedDeformConv2dPack']

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from mmcv.ops import DeformConv2dPack as _MMCVDeformConv2dPack
 from mmcv.ops import ModulatedDeformConv2dPack as _MMCVModulatedDeformConv2dPack
+from mmdet.registry import MODELS
 from torch import Tensor, nn
 
 from dcn_det.ops import NonFiniteError, deform_conv2d
@@ -47,6 +48,8 @@ class _Layer:
             raise NonFiniteError(f'{self.layer_name or type(self).__name__}: {e}') from None
 
 
+# Short aliases as in mmdet's config names (mdconv / dconv); mmcv's own 'DCNv2'/'DCN' stay mmcv's.
+@MODELS.register_module('DConv')
 class DeformConv2dPack(_Layer, _MMCVDeformConv2dPack):
     """DCNv1 layer: ``conv_offset`` (zero-initialised) predicts the offsets from the input.
 
@@ -65,6 +68,7 @@ class DeformConv2dPack(_Layer, _MMCVDeformConv2dPack):
         return self._deform_conv2d(x, self.conv_offset(x), None, None)  # mmcv's DCNv1 has no bias
 
 
+@MODELS.register_module('MDConv')
 class ModulatedDeformConv2dPack(_Layer, _MMCVModulatedDeformConv2dPack):
     """DCNv2 layer: ``conv_offset`` (zero-initialised) predicts offsets and masks from the input.
 

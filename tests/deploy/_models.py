@@ -48,7 +48,7 @@ def tiny_config(name: str, image_size: int = 64, **test_cfg) -> Config:
 def tiny_model(cfg: Config, seed: int = 0) -> torch.nn.Module:
     """The config's model with random weights; zero-initialised layers (offset and mask predictors)
     get small random weights, so that offsets of about a pixel and masks away from 0.5 are exercised."""
-    from dcn_det.deploy.runners import load_detector
+    from dcn_det.checkpoint import load_detector
 
     torch.manual_seed(seed)
     model = load_detector(copy.deepcopy(cfg), None)

@@ -4,6 +4,7 @@ from mmdet.models.backbones import ResNet
 from torch import nn
 
 from dcn_det.models import DCNResNet, DeformConv2dPack, ModulatedDeformConv2dPack
+from dcn_det.models.backbones import DCN_LAYERS
 
 
 def _randomise_offsets(model, scale=0.3):
@@ -150,16 +151,27 @@ def test_frozen_stages_and_norm_eval_as_mmdet():
     assert all(not m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))
 
 
-def test_offset_lr_mult_reaches_conv_offset():
+@pytest.mark.parametrize('dcn_type', ['MDConv', 'DConv'])
+def test_offset_lr_mult_reaches_conv_offset(dcn_type):
+    """mmengine's dcn_offset_lr_mult finds the layers' conv_offset (they are mmcv's packs), and only it."""
     from mmengine.optim import build_optim_wrapper
 
-    model = DCNResNet(depth=18, base_channels=8)
+    model = DCNResNet(depth=18, base_channels=8, dcn=dict(type=dcn_type))
     wrapper = build_optim_wrapper(model, dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.02),
                                               paramwise_cfg=dict(dcn_offset_lr_mult=0.1)))
     ids = {id(p): n for n, p in model.named_parameters()}
     lrs = {ids[id(p)]: g['lr'] for g in wrapper.optimizer.param_groups for p in g['params']}
-    assert lrs['layer3.0.conv2.conv_offset.weight'] == pytest.approx(0.002)
-    assert lrs['layer3.0.conv2.weight'] == pytest.approx(0.02)
+    assert set(lrs) == set(ids.values()) and 'layer3.0.conv2.conv_offset.weight' in lrs
+    for name, lr in lrs.items():
+        assert lr == pytest.approx(0.002 if '.conv_offset.' in name else 0.02), name
+
+
+def test_dcn_types_are_the_registered_names_and_mmdets():
+    from mmdet.registry import MODELS
+
+    assert DCN_LAYERS == {'MDConv': MODELS.get('MDConv'), 'DConv': MODELS.get('DConv'),
+                          'DCNv2': ModulatedDeformConv2dPack, 'DCN': DeformConv2dPack}
+    assert MODELS.get('MDConv') is ModulatedDeformConv2dPack and MODELS.get('DConv') is DeformConv2dPack
 
 
 def test_channels_last_computes_the_same_and_returns_nchw():

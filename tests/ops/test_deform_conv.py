@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from mmengine.optim import build_optim_wrapper
 
 from dcn_det.models import DeformConv2dPack, ModulatedDeformConv2dPack
 from dcn_det.ops import BACKENDS, deform_conv2d, use_cpu_kernel
@@ -257,37 +256,6 @@ def test_autocast_bf16_cpu():
     torch.testing.assert_close(out, layer(x), rtol=0.05, atol=0.05)
 
 
-class _TinyNet(nn.Module):
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.dcn = ModulatedDeformConv2dPack(8, 8, 3, padding=1, backend='native')
-        nn.init.normal_(self.dcn.conv_offset.weight, std=0.1)
-
-    def forward(self, x):
-        return self.dcn(F.relu(self.stem(x))).mean((2, 3))
-
-
-def test_torch_compile_aot_eager():
-    torch.manual_seed(0)
-    model = _TinyNet()
-    x = torch.randn(2, 3, 10, 10)
-    explanation = torch._dynamo.explain(model)(x)
-    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
-    torch._dynamo.reset()
-    expected = model(x)
-    expected.sum().backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    compiled = torch.compile(model, backend='aot_eager')
-    out = compiled(x)
-    out.sum().backward()
-    torch.testing.assert_close(out, expected)
-    for p, g in zip(model.parameters(), grads, strict=True):
-        torch.testing.assert_close(p.grad, g)
-
-
 # ------------------------------------------------------------------------------------------------
 # pack modules
 
@@ -328,16 +296,6 @@ def test_checkpoint_version_is_mmcvs():
     metadata = parent.state_dict()._metadata
     assert metadata['conv2']['version'] == mmcv.ops.ModulatedDeformConv2dPack._version == 2
     assert metadata['conv3']['version'] == mmcv.ops.DeformConv2dPack._version == 2
-
-
-def test_dcn_offset_lr_mult_reaches_conv_offset():
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), ModulatedDeformConv2dPack(4, 4, 3, padding=1),
-                          DeformConv2dPack(4, 4, 3, padding=1))
-    wrapper = build_optim_wrapper(model, dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.02),
-                                              paramwise_cfg=dict(dcn_offset_lr_mult=0.1)))
-    lr = {id(p): group['lr'] for group in wrapper.optimizer.param_groups for p in group['params']}
-    for name, p in model.named_parameters():
-        assert lr[id(p)] == pytest.approx(0.002 if 'conv_offset' in name else 0.02), name
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from torchvision.ops import roi_align
 
 from dcn_det.ops import DeformRoIPool, ModulatedDeformRoIPool, deform_roi_pool
 from dcn_det.ops.kernels import roi_pool_native as rpn
+from dcn_det.ops.modules import RoIOffsetPredictor
 from tests.ops._reference import random_case, torchvision_safe
 from tests.ops._reference import roi_reference as reference
 
@@ -142,14 +143,24 @@ def test_gradient_reaches_zero_initialised_offset_fc(cls):
 
 
 def test_shared_predictor():
-    a = ModulatedDeformRoIPool(7, 8, deform_fc_channels=16, spatial_scale=0.25)
-    b = ModulatedDeformRoIPool(7, 8, deform_fc_channels=16, spatial_scale=0.125)
-    b.offset_fc, b.mask_fc = a.offset_fc, a.mask_fc
-    with torch.no_grad():
-        a.offset_fc[-1].bias.fill_(0.3)
-    assert b.offset_fc[-1].bias.eq(0.3).all()
-    parent = torch.nn.ModuleList([a, b])
-    assert sum(p.numel() for p in parent.parameters()) == sum(p.numel() for p in a.parameters())
+    """Layers built with own_predictor=False hold no parameters and pool with the predictor their owner passes:
+    the output of a layer that owns the same weights, and the gradient of every layer's output reaches it."""
+    torch.manual_seed(0)
+    predictor = RoIOffsetPredictor(7, 8, deform_fc_channels=16, modulated=True)
+    for stack in (predictor.offset_fc, predictor.mask_fc):  # away from the zero init: offsets and masks vary
+        torch.nn.init.normal_([m for m in stack if isinstance(m, torch.nn.Linear)][-1].weight, std=0.01)
+    levels = [ModulatedDeformRoIPool(7, 8, deform_fc_channels=16, spatial_scale=s, own_predictor=False)
+              for s in (1 / 4, 1 / 8)]
+    assert not [p for layer in levels for p in layer.parameters()]
+    owner = ModulatedDeformRoIPool(7, 8, deform_fc_channels=16, spatial_scale=1 / 4)
+    owner.load_state_dict(predictor.state_dict(), strict=True)
+    feats = [torch.rand(1, 8, 32, 32), torch.rand(1, 8, 16, 16)]
+    rois = torch.tensor([[0, 2., 3., 60., 50.], [0, 10., 10., 100., 90.]])
+    torch.testing.assert_close(levels[0](feats[0], rois, predictor), owner(feats[0], rois))
+    for layer, feat in zip(levels, feats, strict=True):
+        grads = torch.autograd.grad(layer(feat, rois, predictor).sum(),
+                                    [predictor.offset_fc[0].weight, predictor.mask_fc[0].weight])
+        assert all(g.abs().sum() > 0 for g in grads), layer.spatial_scale
 
 
 @pytest.mark.parametrize('ours, theirs', [(DeformRoIPool, 'DeformRoIPoolPack'),

@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from dcn_det.deploy import META
-from dcn_det.deploy.export import file_sha256
+from dcn_det.deploy.metadata import file_sha256
 from tests._helpers import REPO, write_tiny_shapes_config
 from tests.deploy._models import CLASSES, refused, write_checkpoint
 
@@ -24,6 +24,7 @@ def tiny(tmp_path_factory):
     return cfg, write_checkpoint(cfg, root / 'tiny.pth')
 
 
+@pytest.mark.slow  # a full export, verified in onnxruntime
 def test_exports_a_verified_file_with_its_metadata(tiny, tmp_path):
     cfg, ckpt = tiny
     out = tmp_path / 'tiny.onnx'

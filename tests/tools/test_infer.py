@@ -14,6 +14,9 @@ from dcn_det.deploy import InputSpec, config_classes, count_unmatched, export_on
 from tests._helpers import REPO, write_tiny_shapes_config
 from tests.deploy._models import CLASSES, refused, tiny_model, write_checkpoint
 
+# every test needs `deployed`, a trained tiny model exported to ONNX
+pytestmark = pytest.mark.slow
+
 
 def tool(*args):
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True)

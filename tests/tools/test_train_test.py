@@ -36,6 +36,7 @@ def _state(path):
     return torch.load(path, map_location='cpu', weights_only=True)['state_dict']
 
 
+@pytest.mark.slow  # trains, then evaluates
 def test_train_then_test_writes_weights_only_checkpoints_and_coco_metrics(shapes, tmp_path):
     cfg = write_tiny_shapes_config(tmp_path / 'tiny.py', shapes / 'data', CLASSES, epochs=1)
     work = tmp_path / 'work'
@@ -53,6 +54,7 @@ def test_train_then_test_writes_weights_only_checkpoints_and_coco_metrics(shapes
     assert len(shown) == 4  # one painted picture per val image
 
 
+@pytest.mark.slow  # trains, is killed, resumes and trains again
 def test_killed_run_resumes_to_the_same_weights(shapes, tmp_path):
     cfg = write_tiny_shapes_config(tmp_path / 'tiny.py', shapes / 'data', CLASSES, epochs=3)
     straight, killed = tmp_path / 'straight', tmp_path / 'killed'
@@ -73,6 +75,7 @@ def test_killed_run_resumes_to_the_same_weights(shapes, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
 
 
+@pytest.mark.slow  # trains until the loss falls
 def test_short_run_learns(shapes, tmp_path):
     """Loss falls and mAP on the training images is above zero after a few epochs."""
     data = tmp_path / 'learn'
@@ -102,6 +105,7 @@ def test_other_dataset_changes_only_data_root_and_classes(tmp_path):
     assert _state(work / 'epoch_1.pth')['roi_head.bbox_head.fc_cls.weight'].shape[0] == len(OTHER_CLASSES) + 1
 
 
+@pytest.mark.slow  # a tool process per bad input
 def test_bad_input_is_one_clear_line(shapes, tmp_path):
     cfg = write_tiny_shapes_config(tmp_path / 'tiny.py', shapes / 'data', CLASSES, epochs=1)
     cases = [

@@ -14,13 +14,11 @@ from torch import Tensor
 from dcn_det.checkpoint import describe_differences, load_checkpoint_file, state_dict_differences
 from dcn_det.models.layers import DeformConv2dPack, ModulatedDeformConv2dPack
 
-# mmdet's names and ours, so an mmdet `dcn=dict(type='DCNv2', ...)` config keeps working.
-DCN_LAYERS = {
-    'MDConv': ModulatedDeformConv2dPack,
-    'DCNv2': ModulatedDeformConv2dPack,
-    'DConv': DeformConv2dPack,
-    'DCN': DeformConv2dPack,
-}
+# The `dcn.type` names DCNResNet takes: its layers' names in the registry, and mmdet's for the same layers
+# (which name mmcv's packs in the registry), so that an mmdet `dcn=dict(type='DCNv2', ...)` config keeps working.
+DCN_LAYERS = {name: cls for name, cls in MODELS.module_dict.items()
+              if cls in (ModulatedDeformConv2dPack, DeformConv2dPack)}
+DCN_LAYERS.update(DCNv2=ModulatedDeformConv2dPack, DCN=DeformConv2dPack)
 
 DEFAULT_DCN = MappingProxyType(dict(type='MDConv', deform_groups=1))  # read-only: a safe default
 
@@ -94,8 +92,8 @@ class DCNResNet(ResNet):
         channels_last (bool): compute in channels-last memory, the layout oneDNN's CPU convolutions
             and dcn_det's deformable ops work in, and return the usual contiguous NCHW outputs (same
             values), so that necks, heads and mmcv's ops (whose CPU RoIAlign misreads channels-last
-            memory) see mmdet's layout. Default False; the CPU demo configs set it (README: ~9%
-            faster training steps).
+            memory) see mmdet's layout. Default False; the CPU demo configs set it, for faster
+            training steps (README).
         **kwargs: everything mmdet's ``ResNet`` takes (``out_indices``, ``frozen_stages``,
             ``norm_cfg``, ``norm_eval``, ``style``, ``base_channels``, ``init_cfg`` ...).
 

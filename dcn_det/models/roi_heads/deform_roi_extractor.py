@@ -27,9 +27,10 @@ class DeformRoIExtractor(SingleRoIExtractor):
         featmap_strides (list[int]): strides of the FPN levels.
         finest_scale (int): RoIs smaller than this go to the finest level (mmdet's rule).
         share_offset_predictor (bool): one offset/mask predictor for all levels (default), the
-            extractor's own ``offset_predictor``, instead of one per level as mmdet builds. With
-            256x7x7 inputs a predictor is ~27M parameters: 4 levels cost ~107M unshared vs ~27M
-            shared (see README, "Sharing the RoI offset predictor").
+            extractor's own ``offset_predictor``, instead of one per level as mmdet builds: a
+            predictor's first fc layers take the whole C x ph x pw pooled feature, so per level it
+            multiplies the model's largest layers by the number of levels (see README, "Sharing the
+            RoI offset predictor").
         init_cfg (dict | list[dict], optional): initialisation config.
 
     Inputs: ``feats`` (tuple of ``Tensor[N, C, H_l, W_l]``), ``rois (Tensor[K, 5])``

@@ -3,9 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip('sklearn')
-
-from benchmarks.scaled_digits import load_digit_images, render_scaled, split_indices  # noqa: E402
+from benchmarks.scaled_digits import load_digit_images, render_scaled, split_indices
 
 
 @pytest.fixture(scope='module')

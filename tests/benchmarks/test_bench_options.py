@@ -32,6 +32,6 @@ def test_unknown_choice_is_refused_by_the_parser_listing_the_valid_ones(main, ar
 ])
 def test_bench_digits_refuses_unknown_choices(argv, valid):
     # a script run: bench_digits imports its sibling scaled_digits as a top-level module
-    result = subprocess.run([sys.executable, 'benchmarks/bench_digits.py', *argv], cwd=REPO, capture_output=True,
+    result = subprocess.run([sys.executable, '-m', 'benchmarks.bench_digits', *argv], cwd=REPO, capture_output=True,
                             text=True)
     assert result.returncode == 2 and 'invalid choice' in result.stderr and valid in result.stderr, result.stderr
