@@ -4,7 +4,7 @@
     pip wheel --no-build-isolation --no-deps .  # a wheel that carries it
     DCN_DET_WITH_OPS=0 pip install .            # pure Python: the ops run their public-API path
 
-The kernel (``dcn_det/ops/kernels/csrc/*.cpp``, PyTorch's public C++ API) becomes ``dcn_det._C``. torch is
+The kernel (``dcn_det/ops/csrc/*.cpp``, PyTorch's public C++ API) becomes ``dcn_det._C``. torch is
 not a build requirement: a build that cannot see torch (pip's default build isolation) or has no working
 compiler still installs, without the kernel, and says how to get it. Everything else is in pyproject.toml.
 """
@@ -46,7 +46,7 @@ def kernel_build():
                 _say(NO_KERNEL.format(f'{type(e).__name__}: {last}'))
 
     # The loader states the sources and flags; it imports nothing but the standard library.
-    spec = runpy.run_path(os.path.join('dcn_det', 'ops', 'kernels', 'extension.py'))
+    spec = runpy.run_path(os.path.join('dcn_det', 'ops', '_ext.py'))
     sources = [os.path.relpath(path) for path in spec['SOURCES']]
     kernel = CppExtension(spec['MODULE'], sources, extra_compile_args=spec['CFLAGS'], extra_link_args=['-fopenmp'])
     return [kernel], {'build_ext': BuildKernelOrSkip}

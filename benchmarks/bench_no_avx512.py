@@ -29,7 +29,7 @@ def build_avx2_kernel(directory: str) -> str:
     """Compile the kernel for x86-64-v3 only into ``directory``; returns the library's path."""
     from torch.utils.cpp_extension import load
 
-    from dcn_det.ops.kernels import extension
+    from dcn_det.ops import _ext as extension
 
     load(name='dcn_det_cpu_avx2', sources=extension.SOURCES, build_directory=directory,
          extra_cflags=[*extension.CFLAGS, '-DDCN_NO_CLONES', '-march=x86-64-v3'], extra_ldflags=['-fopenmp'])
@@ -78,7 +78,7 @@ def child(code: str, library: str, repeats: int) -> dict:
     if library:
         import importlib.util
 
-        from dcn_det.ops.kernels import extension
+        from dcn_det.ops import _ext as extension
 
         spec = importlib.util.spec_from_file_location('dcn_det_cpu_avx2', library)
         module = importlib.util.module_from_spec(spec)

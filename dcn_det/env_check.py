@@ -176,10 +176,10 @@ def collect_env() -> dict:
         env['mmcv_ops'] = True
     except ImportError:
         env['mmcv_ops'] = False
-    from dcn_det.ops.kernels import extension
+    from dcn_det.ops import _ext
 
-    env['cpu_kernel'] = extension.load() is not None
-    env['cpu_kernel_missing'] = extension.missing_reason()
+    env['cpu_kernel'] = _ext.load() is not None
+    env['cpu_kernel_missing'] = _ext.missing_reason()
     try:
         check_mmcv()
         env['problem'] = None

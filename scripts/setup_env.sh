@@ -17,7 +17,7 @@ PY=${PYTHON:-python3.11}
 VENV=.venv
 say() { echo "[setup] $*"; }
 
-stamp_key=$(cat pyproject.toml constraints.txt setup.py scripts/*.sh dcn_det/ops/kernels/csrc/* | sha256sum | cut -c1-16)
+stamp_key=$(cat pyproject.toml constraints.txt setup.py scripts/*.sh dcn_det/ops/csrc/* | sha256sum | cut -c1-16)
 stamp_key=$stamp_key-${FORCE_CUDA:-0}
 if [ -f "$VENV/.setup-$stamp_key" ] && "$VENV/bin/python" -m dcn_det.env_check --quiet 2>/dev/null; then
   say ".venv is up to date"; exit 0

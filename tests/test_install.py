@@ -157,7 +157,7 @@ def test_installed_wheel_reports_its_kernel_and_builds_a_user_config(other_env, 
         from mmdet.registry import MODELS
         from mmdet.testing import demo_mm_inputs
         import dcn_det
-        from dcn_det.ops.kernels import extension
+        from dcn_det.ops import _ext
         from mmcv.ops import ModulatedDeformConv2d
 
         assert 'site-packages' in dcn_det.__file__, dcn_det.__file__
@@ -170,7 +170,7 @@ def test_installed_wheel_reports_its_kernel_and_builds_a_user_config(other_env, 
             with torch.no_grad():
                 out = model.test_step(inputs)
             print(path, type(model.roi_head.bbox_roi_extractor).__name__, len(out[0].pred_instances))
-        print('kernel', extension.load() is not None)
+        print('kernel', _ext.load() is not None)
         """)
     (tmp_path / 'predict.py').write_text(script)
     out = _run([other_env, 'predict.py', 'over_mmdet.py', 'zoo/mine.py'], cwd=tmp_path, timeout=600).stdout

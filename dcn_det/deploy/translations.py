@@ -1,6 +1,6 @@
 """ONNX translations of dcn_det's custom ops, for ``torch.onnx.export(..., dynamo=True)``.
 
-``torch.ops.dcn_det.deform_conv2d`` (the native deformable conv, :mod:`dcn_det.ops.kernels.conv_native`)
+``torch.ops.dcn_det.deform_conv2d`` (the native deformable conv, :mod:`dcn_det.ops.deform_conv`)
 has the semantics of ONNX's standard ``DeformConv`` (opset 19: the same offset layout, the same edge
 rule, the mask multiplying each sample), so a model that keeps its deformable convs on the native backend
 exports to standard ONNX with::

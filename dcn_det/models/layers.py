@@ -12,7 +12,7 @@ models layer because they build on mmcv (the ops layer needs torch and torchvisi
 
 torch.compile: with the native backend a model containing these layers compiles into one graph
 (no graph break, aot_eager and inductor); with ``backend='mmcv'`` dynamo graph-breaks at each
-deformable op (mmcv's pybind extension is opaque to it). See :mod:`dcn_det.ops.conv`.
+deformable op (mmcv's pybind extension is opaque to it). See :mod:`dcn_det.ops.deform_conv`.
 """
 from typing import Optional
 
@@ -22,9 +22,8 @@ from mmcv.ops import ModulatedDeformConv2dPack as _MMCVModulatedDeformConv2dPack
 from mmdet.registry import MODELS
 from torch import Tensor, nn
 
-from dcn_det.ops import NonFiniteError, deform_conv2d
+from dcn_det.ops import BACKEND_CHOICES, NonFiniteError, deform_conv2d
 from dcn_det.ops._common import check_backend
-from dcn_det.ops.conv import BACKEND_CHOICES
 
 
 class _Layer:

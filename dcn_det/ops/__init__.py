@@ -1,18 +1,17 @@
 """Tensor-level deformable operators. Needs torch and torchvision only (no mmcv, mmdet or mmengine).
 
-- :mod:`.conv`: ``deform_conv2d`` (functional API, argument checks, backends);
-- :mod:`.roi_pool`: ``deform_roi_pool`` (likewise);
-- :mod:`.modules`: the RoI pooling layers with their offset predictors;
-- :mod:`.kernels`: dcn_det's own kernels (the ``torch.library`` op, compiled CPU kernels, public-API paths);
-- :mod:`._common`: the checks, dtype rule and non-finite policy both ops share.
+- :mod:`.deform_conv`: everything about deformable convolution: ``deform_conv2d`` (functional API,
+  argument checks, backends), the ``torch.library`` op, the choice of CPU kernel and the public-API
+  kernel; its compiled CPU kernel is ``csrc/deform_conv_cpu.cpp`` (``dcn_det._C``, loaded by :mod:`._ext`);
+- :mod:`.deform_roi_pool`: everything about deformable RoI pooling: ``deform_roi_pool``, the layers
+  with their offset predictors, the native kernel;
+- :mod:`._common`: what both share: argument checks, the dtype rule, the non-finite policy, the backends.
 
 The deformable conv layers (mmcv-compatible packs) are in :mod:`dcn_det.models.layers`.
 """
-from ._common import NonFiniteError
-from .conv import BACKENDS, deform_conv2d
-from .kernels.conv_native import cpu_kernel, use_cpu_kernel
-from .modules import DeformRoIPool, ModulatedDeformRoIPool
-from .roi_pool import deform_roi_pool
+from ._common import BACKEND_CHOICES, BACKENDS, NonFiniteError
+from .deform_conv import cpu_kernel, deform_conv2d, use_cpu_kernel
+from .deform_roi_pool import DeformRoIPool, ModulatedDeformRoIPool, RoIOffsetPredictor, deform_roi_pool
 
-__all__ = ['BACKENDS', 'DeformRoIPool', 'ModulatedDeformRoIPool', 'NonFiniteError', 'cpu_kernel', 'deform_conv2d',
-           'deform_roi_pool', 'use_cpu_kernel']
+__all__ = ['BACKENDS', 'BACKEND_CHOICES', 'DeformRoIPool', 'ModulatedDeformRoIPool', 'NonFiniteError',
+           'RoIOffsetPredictor', 'cpu_kernel', 'deform_conv2d', 'deform_roi_pool', 'use_cpu_kernel']

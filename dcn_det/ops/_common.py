@@ -123,6 +123,10 @@ def grad_layout(t: Optional[Tensor], fmt: Optional[torch.memory_format] = None) 
     return _GradLayout.apply(t, memory_format(t) if fmt is None else fmt)
 
 
+BACKENDS = ('native', 'mmcv', 'torchvision')
+BACKEND_CHOICES = ('auto',) + BACKENDS  # both ops take these (see each op's module for what they mean)
+
+
 def check_backend(backend: str, choices: Sequence[str]) -> str:
     """``backend`` if it is one of ``choices``, else ValueError listing them."""
     if backend not in choices:

@@ -4,7 +4,7 @@ from mmdet.registry import MODELS
 from mmengine.registry import init_default_scope
 
 import dcn_det  # noqa: F401  registers
-from dcn_det.ops.modules import RoIOffsetPredictor
+from dcn_det.ops import RoIOffsetPredictor
 
 
 def _extractor(layer='ModulatedDeformRoIPool', share=True, channels=8):

@@ -17,8 +17,7 @@ from mmengine.registry import init_default_scope
 
 import dcn_det  # noqa: F401  registers
 from dcn_det.checkpoint import CheckpointLoadError, load_state_dict_strict
-from dcn_det.ops import deform_roi_pool
-from dcn_det.ops.modules import DeformRoIPool, ModulatedDeformRoIPool, RoIOffsetPredictor
+from dcn_det.ops import DeformRoIPool, ModulatedDeformRoIPool, RoIOffsetPredictor, deform_roi_pool
 
 CHANNELS, FC = 8, 32
 MMDET_CONFIGS = {'DeformRoIPool': 'mmdet::dcn/faster-rcnn_r50_fpn_dpool_1x_coco.py',

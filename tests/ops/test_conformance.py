@@ -49,9 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck
 
-from dcn_det.ops import deform_conv2d, deform_roi_pool, use_cpu_kernel
+from dcn_det.ops import deform_conv, deform_conv2d, deform_roi_pool, use_cpu_kernel
 from dcn_det.ops._common import memory_format, mmcv_has_cuda
-from dcn_det.ops.kernels import conv_native
 from tests.ops._reference import CONFIGS, EDGES, conv_reference, make_inputs, random_case, roi_reference
 
 # ------------------------------------------------------------------------------------------------
@@ -103,7 +102,7 @@ class Path:
         if self.cpu_kernel is not None:
             try:
                 with use_cpu_kernel(self.cpu_kernel):
-                    conv_native.cpu_kernel()
+                    deform_conv.cpu_kernel()
             except RuntimeError as e:
                 return True, str(e)
         return None
@@ -121,7 +120,7 @@ CONV_PATHS = [
 ]
 ROI_PATHS = [
     Path('native', deform_roi_pool, 'native'),
-    # each bin RoI's corners are rounded once more (dcn_det.ops.roi_pool)
+    # each bin RoI's corners are rounded once more (dcn_det.ops.deform_roi_pool)
     Path('torchvision', deform_roi_pool, 'torchvision', rounding=1e-10, offset_grad=False),
     Path('native-cuda', deform_roi_pool, 'native', device='cuda', rounding=1e-10),
     Path('mmcv-cuda', deform_roi_pool, 'mmcv', device='cuda', rounding=1e-10),
@@ -135,7 +134,7 @@ TV_MINUS_ONE = ("torchvision's get_coordinate_weight has no h > -1 / w > -1 test
 MMCV_SMALL = ("mmcv's DCNv1 kernel refuses an input smaller than the kernel, padding or not ('input image is "
               "smaller than kernel'; its DeformConv2dPack pads the input and crops the output around it)")
 MMCV_ROI_GRAD = ("mmcv's offset gradient uses the unclamped coordinate in the border strips where the forward "
-                 "clamps it (dcn_det.ops.kernels.roi_pool_native)")
+                 "clamps it (dcn_det.ops.deform_roi_pool)")
 KNOWN_FAILURES = {
     ('mmcv_dcnv2_offset_predictor_gradients', 'torchvision'): TV_MINUS_ONE,
     ('mmcv_dcnv2_offset_predictor_gradients', 'torchvision-cuda'): TV_MINUS_ONE,

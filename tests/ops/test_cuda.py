@@ -13,7 +13,7 @@ import torch
 
 from dcn_det.ops import DeformRoIPool, ModulatedDeformRoIPool, deform_conv2d, deform_roi_pool
 from dcn_det.ops._common import mmcv_has_cuda
-from dcn_det.ops.conv import resolve_backend
+from dcn_det.ops.deform_conv import resolve_backend
 from tests.ops._reference import conv_reference, forward_backward, make_inputs, random_case
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')]

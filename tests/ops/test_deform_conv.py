@@ -12,20 +12,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dcn_det.models import DeformConv2dPack, ModulatedDeformConv2dPack
-from dcn_det.ops import BACKENDS, deform_conv2d, use_cpu_kernel
-from dcn_det.ops import conv as dc
-from dcn_det.ops.kernels import conv_native, conv_public, extension
+from dcn_det.ops import BACKENDS, _ext, deform_conv, deform_conv2d, use_cpu_kernel
+from dcn_det.ops import deform_conv as dc
 from tests.ops._reference import CONFIGS, TENSORS, forward_backward, make_inputs
 from tests.ops._reference import conv_reference as reference
 
 native = functools.partial(deform_conv2d, backend='native')
 
 
-@pytest.fixture(params=conv_native.CPU_KERNELS)
+@pytest.fixture(params=deform_conv.CPU_KERNELS)
 def kernel(request):
     """Run the test on each CPU kernel of the native backend: the compiled one and the public-API one."""
-    if request.param == 'compiled' and extension.load() is None:
-        pytest.fail(f'the compiled CPU kernel does not load ({extension.missing_reason()}): run `make setup`')
+    if request.param == 'compiled' and _ext.load() is None:
+        pytest.fail(f'the compiled CPU kernel does not load ({_ext.missing_reason()}): run `make setup`')
     with use_cpu_kernel(request.param):
         yield request.param
 
@@ -206,7 +205,7 @@ def test_chunked_equals_unchunked(monkeypatch, rows_per_chunk, kernel):
     args = make_inputs(n=2, c=4, h=6, w=5, offset_groups=2)
     out, grads = forward_backward(native, args)
     row_bytes = 5 * 9 * 4 * 8  # W_out * K * C * float64
-    monkeypatch.setattr(conv_native, 'CHUNK_BYTES', rows_per_chunk * row_bytes)
+    monkeypatch.setattr(deform_conv, 'CHUNK_BYTES', rows_per_chunk * row_bytes)
     out_c, grads_c = forward_backward(native, args)
     torch.testing.assert_close(out_c, out, rtol=1e-12, atol=1e-12)
     for k in grads:
@@ -215,14 +214,14 @@ def test_chunked_equals_unchunked(monkeypatch, rows_per_chunk, kernel):
 
 def test_public_kernel_chunk_size_is_bounded(monkeypatch):
     calls = []
-    real = conv_public._gather
+    real = deform_conv._gather
 
     def spy(table, idx, psw):
         calls.append(idx.shape[0])
         return real(table, idx, psw)
 
-    monkeypatch.setattr(conv_public, '_gather', spy)
-    monkeypatch.setattr(conv_native, 'CHUNK_BYTES', 2 * 5 * 9 * 4 * 8)
+    monkeypatch.setattr(deform_conv, '_gather', spy)
+    monkeypatch.setattr(deform_conv, 'CHUNK_BYTES', 2 * 5 * 9 * 4 * 8)
     with use_cpu_kernel('public'):
         native(**make_inputs(n=2, c=4, h=6, w=5))
     assert calls == [2 * 5 * 9] * 6  # 12 output rows in chunks of 2 rows x 5 columns x 9 samples

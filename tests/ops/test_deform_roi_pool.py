@@ -1,16 +1,18 @@
 """Deformable RoI pooling: a hand-checkable golden case, torchvision's aligned RoIAlign, chunking, precision,
 the modules. What every backend must pass alike (the float64 reference, mmcv's published numbers, gradcheck,
 layouts, argument rules) is in tests/ops/test_conformance.py."""
+import importlib
 
 import pytest
 import torch
 from torchvision.ops import roi_align
 
-from dcn_det.ops import DeformRoIPool, ModulatedDeformRoIPool, deform_roi_pool
-from dcn_det.ops.kernels import roi_pool_native as rpn
-from dcn_det.ops.modules import RoIOffsetPredictor
+from dcn_det.ops import DeformRoIPool, ModulatedDeformRoIPool, RoIOffsetPredictor, deform_roi_pool
 from tests.ops._reference import random_case, torchvision_safe
 from tests.ops._reference import roi_reference as reference
+
+# the module (its name is also the function's, which `from dcn_det.ops import` gives)
+pool_ops = importlib.import_module('dcn_det.ops.deform_roi_pool')
 
 # ----------------------------------------------------------------------------------------------
 # values
@@ -83,12 +85,12 @@ def test_chunked_equals_unchunked(monkeypatch):
     input.requires_grad_(True)
     offset.requires_grad_(True)
     results = []
-    for entries in (rpn.CHUNK_ENTRIES, 40):  # 40 entries: chunks of one or two RoIs
-        monkeypatch.setattr(rpn, 'CHUNK_ENTRIES', entries)
+    for entries in (pool_ops.CHUNK_ENTRIES, 40):  # 40 entries: chunks of one or two RoIs
+        monkeypatch.setattr(pool_ops, 'CHUNK_ENTRIES', entries)
         out = deform_roi_pool(input, rois, offset, (3, 2), 0.25)
         grads = torch.autograd.grad(out, (input, offset), torch.arange(out.numel()).view_as(out).double())
         results.append((out, *grads))
-    assert len(rpn._plan(rois, offset.detach(), rpn.Params(3, 2, 0.25, 0, 0.1), 3, 9, 11)) >= 7
+    assert len(pool_ops._plan(rois, offset.detach(), pool_ops.Params(3, 2, 0.25, 0, 0.1), 3, 9, 11)) >= 7
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b)
 

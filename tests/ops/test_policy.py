@@ -14,12 +14,13 @@ from dcn_det.ops import (
     DeformRoIPool,
     ModulatedDeformRoIPool,
     NonFiniteError,
+    _ext,
     cpu_kernel,
+    deform_conv,
     deform_conv2d,
     deform_roi_pool,
     use_cpu_kernel,
 )
-from dcn_det.ops.kernels import conv_native, extension
 from tests._helpers import REPO
 from tests.ops._reference import make_inputs, random_case
 
@@ -92,14 +93,14 @@ def test_layers_name_themselves_in_the_error():
 
 def test_compiled_kernel_is_built_and_chosen():
     # the package build (`make setup`: pip install -e .) compiles it; CI runs the suite on both kernels
-    assert extension.load() is not None, f'run `make setup` ({extension.missing_reason()})'
-    assert extension.load().__name__ == 'dcn_det._C' and cpu_kernel() == 'compiled'
+    assert _ext.load() is not None, f'run `make setup` ({_ext.missing_reason()})'
+    assert _ext.load().__name__ == 'dcn_det._C' and cpu_kernel() == 'compiled'
 
 
 def test_without_compiled_kernel_falls_back_with_one_notice(monkeypatch):
     missing = "ModuleNotFoundError: No module named 'dcn_det._C'"  # as in a build without a compiler
-    monkeypatch.setattr(extension, '_state', {'module': None, 'reason': missing})
-    monkeypatch.setattr(conv_native, '_noticed', [False])
+    monkeypatch.setattr(_ext, '_state', {'module': None, 'reason': missing})
+    monkeypatch.setattr(deform_conv, '_noticed', [False])
     monkeypatch.delenv('DCN_DET_CPU_KERNEL', raising=False)
     args = make_inputs(dtype=torch.float32)
     with pytest.warns(UserWarning, match=rf'no compiled CPU kernel \({re.escape(missing)}\); .* To build it: '
@@ -127,7 +128,7 @@ def test_kernel_choice_is_checked(monkeypatch):
 def test_compiled_and_public_kernels_agree_in_float32():
     args = make_inputs(n=2, c=32, h=9, w=11, c_out=16, offset_groups=2, dtype=torch.float32, scale=2.0)
     results = {}
-    for kernel in conv_native.CPU_KERNELS:
+    for kernel in deform_conv.CPU_KERNELS:
         with use_cpu_kernel(kernel):
             leaves = {k: (v.detach().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
             out = deform_conv2d(**leaves, backend='native')
@@ -149,7 +150,7 @@ def _op_args(modulated=True, bias=True, kernel_size=3):
             1, 2)
 
 
-@pytest.mark.parametrize('kernel', conv_native.CPU_KERNELS)
+@pytest.mark.parametrize('kernel', deform_conv.CPU_KERNELS)
 @pytest.mark.parametrize('modulated,bias', [(True, True), (False, False)])
 def test_custom_op_passes_opcheck(kernel, modulated, bias):
     args = _op_args(modulated, bias)

@@ -6,7 +6,7 @@ from mmdet.registry import MODELS
 from mmdet.utils import ConfigType, OptMultiConfig
 from torch import Tensor, nn
 
-from dcn_det.ops.modules import DeformRoIPool, RoIOffsetPredictor
+from dcn_det.ops import DeformRoIPool, RoIOffsetPredictor
 
 _PREDICTOR = ('offset_fc.', 'mask_fc.')
 
