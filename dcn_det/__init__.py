@@ -32,7 +32,14 @@ if _installed('mmcv') or _installed('mmdet'):
 
     from . import engine, models  # noqa: E402
     from .engine import DCNRunner  # noqa: E402
-    from .models import DCNResNet, DeformConv2dPack, DeformRoIExtractor, ModulatedDeformConv2dPack  # noqa: E402
+    from .models import (  # noqa: E402
+        DCNResNet,
+        DeformConv2dPack,
+        DeformRoIExtractor,
+        ModulatedDeformConv2dPack,
+        convert_mmcv_ops,
+        mmcv_ops_report,
+    )
 
     __all__ += ['DCNResNet', 'DCNRunner', 'DeformConv2dPack', 'DeformRoIExtractor', 'ModulatedDeformConv2dPack',
-                'engine', 'models']
+                'convert_mmcv_ops', 'engine', 'mmcv_ops_report', 'models']

@@ -1,4 +1,5 @@
-"""The model layer: dcn_det.ops registered into mmdet's MODELS, the backbone and the RoI extractor."""
+"""The model layer: dcn_det.ops registered into mmdet's MODELS, the backbone, the RoI extractor, and
+:func:`convert_mmcv_ops` (mmdet models built on mmcv's deformable layers, moved onto dcn_det's kernels)."""
 from mmdet.registry import MODELS
 
 from dcn_det.ops import DeformRoIPool, ModulatedDeformRoIPool
@@ -12,6 +13,8 @@ MODELS.register_module(module=ModulatedDeformRoIPool)
 MODELS.register_module(module=DeformRoIPool)
 
 from .backbones import DCNResNet  # noqa: E402
+from .convert import convert_mmcv_ops, mmcv_ops_report  # noqa: E402
 from .roi_heads import DeformRoIExtractor  # noqa: E402
 
-__all__ = ['DCNResNet', 'DeformConv2dPack', 'DeformRoIExtractor', 'ModulatedDeformConv2dPack']
+__all__ = ['DCNResNet', 'DeformConv2dPack', 'DeformRoIExtractor', 'ModulatedDeformConv2dPack', 'convert_mmcv_ops',
+           'mmcv_ops_report']
