@@ -7,18 +7,13 @@ mdpool RoI extractors, VFNet, RepPoints, FoveaBox, Cascade RPN, guided anchoring
 path (``MaskedConv2d``). mmcv 2.1 has slow CPU kernels for the convs and none for RoI pooling or the
 masked conv. :func:`convert_mmcv_ops` moves all of them onto :mod:`dcn_det.ops`:
 
-================================  ====================================================================
-mmcv / mmdet                       becomes (a subclass of it; only the call into the kernel changes)
-================================  ====================================================================
-``DeformConv2dPack``               :class:`dcn_det.models.layers.DeformConv2dPack`
-``ModulatedDeformConv2dPack``      :class:`dcn_det.models.layers.ModulatedDeformConv2dPack`
-``DeformConv2d``                   :class:`dcn_det.models.layers.DeformConv2d`
-``ModulatedDeformConv2d``          :class:`dcn_det.models.layers.ModulatedDeformConv2d`
-``DeformRoIPool``, ``...Pack``     :mod:`dcn_det.models.mmcv_layers` classes of the same names
-``ModulatedDeformRoIPoolPack``     :class:`dcn_det.models.mmcv_layers.ModulatedDeformRoIPoolPack`
-``MaskedConv2d``                   :class:`dcn_det.models.mmcv_layers.MaskedConv2d`
-mmdet's ``TOODHead``               :class:`TOODHead` (its ``deform_sampling`` calls dcn_det's op)
-================================  ====================================================================
+- mmcv's ``DeformConv2dPack``, ``ModulatedDeformConv2dPack``, ``DeformConv2d`` and
+  ``ModulatedDeformConv2d`` become the classes of the same names in :mod:`dcn_det.models.layers`;
+- mmcv's ``DeformRoIPool``, ``DeformRoIPoolPack``, ``ModulatedDeformRoIPoolPack`` and ``MaskedConv2d``
+  become those of :mod:`dcn_det.models.mmcv_layers`;
+- mmdet's ``TOODHead`` becomes :class:`TOODHead` here (its ``deform_sampling`` calls dcn_det's op).
+
+Each is a subclass of the class it replaces in which only the call into the kernel changes.
 
 How: each module's ``__class__`` is set to that subclass. The module stays the same object, so its
 parameters are the same tensors (an optimizer built before trains them), its state-dict keys and
@@ -50,8 +45,12 @@ From a config (mmdet's own ``tools/train.py``, ``tools/test.py`` and ``DetInfere
     model = dict(type='ConvertMMCVOps', model_type='FasterRCNN')  # the base config's model type
 
 ``ConvertMMCVOps`` is a builder registered in mmdet's ``MODELS``: it builds ``model_type`` with the
-rest of ``model`` and returns that model converted (no wrapper: keys and ``cfg.model.backbone`` etc.
-unchanged). ``model_type={{_base_.model.type}}`` copies the base config's type.
+rest of ``model`` and returns that model converted. ``model_type={{_base_.model.type}}`` copies the base
+config's type. It works at the registry because that is the one step every entry point shares:
+``DetInferencer`` builds with ``MODELS.build(cfg.model)`` and runs no hooks, so a Runner hook would miss
+it; a wrapper model would put its own prefix on every state-dict key; and the flat form leaves
+``cfg.model.backbone`` and the rest where mmdet's ``init_detector`` and tools read them. Importing
+dcn_det registers the name and changes no model that does not ask for it.
 """
 import collections
 import functools
@@ -166,7 +165,7 @@ def convert_mmcv_ops(model: nn.Module) -> nn.Module:
     done = ', '.join(f'{n} {name}' for name, n in sorted(converted.items())) or 'nothing'
     line = f'convert_mmcv_ops: converted {done} to dcn_det\'s kernels ({sum(report.dcn_det.values())} in all)'
     if mmcv_reading:
-        line += f"; {mmcv_reading} DyHead spatial_conv_high read offsets of the finer level as mmcv does"
+        line += f"; {mmcv_reading} DyHead spatial_conv_high layers read the finer level's offsets as mmcv does"
     if report.left:
         print_log(f'{line}; LEFT on mmcv: {report.left_line()}', logger='current', level=logging.WARNING)
     else:

@@ -142,11 +142,11 @@ class ModulatedDeformConv2d(_Layer, _MMCVModulatedDeformConv2d):
 
     def forward(self, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
         if self.reads_offsets_as_mmcv_buffer:
-            size = self.output_size(x)
+            size = self.output_hw(x)
             offset, mask = mmcv_buffer_view(offset, size), mmcv_buffer_view(mask, size)
         return self._deform_conv2d(x, offset, mask, self.bias)
 
-    def output_size(self, x: Tensor) -> tuple[int, int]:
+    def output_hw(self, x: Tensor) -> tuple[int, int]:
         """(H_out, W_out) of this layer for the input ``x`` (Tensor[N, C, H, W])."""
         return tuple((x.size(2 + i) + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1)
                      // self.stride[i] + 1 for i in range(2))

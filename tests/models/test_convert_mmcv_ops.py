@@ -173,7 +173,7 @@ def test_converting_twice_changes_nothing(zoo, monkeypatch):
     assert mmcv_ops_report(zoo.model) == zoo.report_after
     assert lines == [f"convert_mmcv_ops: converted nothing to dcn_det's kernels "
                      f"({sum(zoo.report_after.dcn_det.values())} in all)"
-                     + ('; 6 DyHead spatial_conv_high read offsets of the finer level as mmcv does'
+                     + ("; 6 DyHead spatial_conv_high layers read the finer level's offsets as mmcv does"
                         if zoo.id == 'dyhead' else '')]
 
 
