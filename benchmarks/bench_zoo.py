@@ -124,14 +124,15 @@ def main(argv=None) -> int:
         optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-5, momentum=0.9) for k, m in models.items()}
         times = {f'{phase}_{k}': [] for phase in ('train', 'infer') for k in models}
         for repeat in range(args.repeats + 1):  # the first is the warm-up
+            now = {}
             for k, m in models.items():
-                step = train_step(m, optimizers[k], train_data)
-                seconds = infer(m, test_data)
-                if repeat:
-                    times[f'train_{k}'].append(step)
-                    times[f'infer_{k}'].append(seconds)
-            print(f'  repeat {repeat}/{args.repeats}: ' + ', '.join(f'{k} {v[-1]:.2f} s' for k, v in times.items()
-                                                                   if v), file=sys.stderr)
+                now[f'train_{k}'] = train_step(m, optimizers[k], train_data)
+                now[f'infer_{k}'] = infer(m, test_data)
+            if repeat:
+                for name, seconds in now.items():
+                    times[name].append(seconds)
+            print(f"  {f'repeat {repeat}/{args.repeats}' if repeat else 'warm-up'}: "
+                  + ', '.join(f'{name} {seconds:.2f} s' for name, seconds in now.items()), file=sys.stderr)
         median = {k: statistics.median(v) for k, v in times.items()}
         rows[key] = dict(title=title, config=config, times_s=times, median_s=median,
                          train_speedup=median['train_mmcv'] / median['train_dcn_det'],

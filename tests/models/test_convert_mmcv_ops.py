@@ -31,6 +31,7 @@ ZOO = {
     'dyhead': ('dyhead/atss_r50_fpn_dyhead_1x_coco.py', {'ModulatedDeformConv2d'}, True),
     'tood': ('tood/tood_r50_fpn_1x_coco.py', {'TOODHead.deform_sampling'}, True),
     'solov2-dcn': ('solov2/solov2-light_r50-dcn_fpn_ms-3x_coco.py', {'ModulatedDeformConv2dPack'}, True),
+    'ga-retinanet': ('guided_anchoring/ga-retinanet_r50_fpn_1x_coco.py', {'DeformConv2d', 'MaskedConv2d'}, False),
 }
 
 
@@ -87,8 +88,11 @@ def test_every_mmcv_deformable_layer_is_converted(zoo):
 
 
 def test_predictions_equal_mmcvs(zoo):
+    """Where mmcv has CPU kernels for every layer; elsewhere (deformable RoI pooling, guided anchoring's masked
+    conv) mmcv cannot predict on a CPU at all, and the converted model does."""
     if zoo.mmcv_preds is None:
-        pytest.skip('mmcv has no CPU kernel for deformable RoI pooling (see the float64 test)')
+        assert all(len(p.scores) > 0 for p in zoo.preds)
+        return
     from tests.deploy._models import assert_same_detections
 
     for got, want in zip(zoo.preds, zoo.mmcv_preds, strict=True):
@@ -374,3 +378,23 @@ def test_a_nan_offset_names_the_layer():
     offset[0, 3, 1, 1] = float('nan')
     with pytest.raises(NonFiniteError, match='^head: offset has 1 NaN'):
         model.head(torch.randn(1, 2, 4, 4), offset)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_on_cuda_converted_layers_dispatch_as_auto_does():
+    from mmcv.ops import ModulatedDeformConv2dPack, ModulatedDeformRoIPoolPack
+
+    from dcn_det.ops import deform_conv2d
+    from dcn_det.ops.conv import resolve_backend
+
+    conv, ours = (m.cuda() for m in _pair(ModulatedDeformConv2dPack, 4, 4, 3, padding=1))
+    x = torch.randn(2, 4, 9, 7, device='cuda')
+    o1, o2, m = ours.conv_offset(x).chunk(3, 1)
+    want = deform_conv2d(x, torch.cat((o1, o2), 1), ours.weight, ours.bias, 1, 1, 1, m.sigmoid(),
+                         backend=resolve_backend('auto', x.device))
+    torch.testing.assert_close(ours(x), want)
+    torch.testing.assert_close(ours(x), conv(x), atol=1e-4, rtol=1e-4)
+    pool = convert_mmcv_ops(ModulatedDeformRoIPoolPack(7, 4, 16).cuda())
+    out = pool(x, torch.tensor([[0, 1.0, 1.0, 6.0, 8.0]], device='cuda'))
+    assert out.is_cuda and out.shape == (1, 4, 7, 7)
