@@ -27,7 +27,7 @@ from mmcv.ops import ModulatedDeformConv2d as _MMCVModulatedDeformConv2d
 from mmcv.ops import ModulatedDeformConv2dPack as _MMCVModulatedDeformConv2dPack
 from torch import Tensor, nn
 
-from dcn_det.ops import NonFiniteError, deform_conv2d
+from dcn_det.ops import deform_conv2d
 from dcn_det.ops._common import check_backend
 from dcn_det.ops.conv import BACKEND_CHOICES
 
@@ -50,8 +50,8 @@ class _Layer:
         try:
             return deform_conv2d(x, offset, self.weight, bias, self.stride, self.padding, self.dilation,
                                  mask, backend=self.backend)
-        except NonFiniteError as e:
-            raise NonFiniteError(f'{self.layer_name or type(self).__name__}: {e}') from None
+        except ValueError as e:  # NonFiniteError and the op's shape errors: say which layer
+            raise type(e)(f'{self.layer_name or type(self).__name__}: {e}') from None
 
 
 class DeformConv2dPack(_Layer, _MMCVDeformConv2dPack):

@@ -14,7 +14,7 @@ from mmcv.ops import MaskedConv2d as _MMCVMaskedConv2d
 from mmcv.ops import ModulatedDeformRoIPoolPack as _MMCVModulatedDeformRoIPoolPack
 from torch import Tensor
 
-from dcn_det.ops import NonFiniteError, deform_roi_pool
+from dcn_det.ops import deform_roi_pool
 from dcn_det.ops._common import mmcv_has_cuda
 from dcn_det.ops.modules import _predict
 
@@ -29,8 +29,8 @@ class _Pool:
         try:
             return deform_roi_pool(input, rois, offset, self.output_size, self.spatial_scale, self.sampling_ratio,
                                    self.gamma, self.backend)
-        except NonFiniteError as e:
-            raise NonFiniteError(f'{self.layer_name or type(self).__name__}: {e}') from None
+        except ValueError as e:  # NonFiniteError and the op's argument errors: say which layer
+            raise type(e)(f'{self.layer_name or type(self).__name__}: {e}') from None
 
     def extra_repr(self) -> str:
         return (f'output_size={self.output_size}, spatial_scale={self.spatial_scale}, '

@@ -231,9 +231,9 @@ def test_dyhead_reads_a_finer_levels_offsets_as_mmcv_and_nothing_else_does():
     offset_and_mask = torch.randn(2, 27, 10, 12)  # predicted on the finer level
     offset, mask = offset_and_mask[:, :18], offset_and_mask[:, 18:].sigmoid()  # a strided slice, as DyHead's
     torch.testing.assert_close(ours(x, offset, mask), mmcv_conv(x, offset, mask), atol=1e-5, rtol=1e-5)
-    other = convert_mmcv_ops(ModulatedDeformConv2d(16, 16, 3, padding=1))  # outside DyHead: the op's error
-    with pytest.raises(ValueError, match=r'offset must have .* spatial size \(H_out, W_out\) = \(5, 6\)'):
-        other(x, offset, mask)
+    other = convert_mmcv_ops(torch.nn.ModuleDict(dict(head=ModulatedDeformConv2d(16, 16, 3, padding=1))))
+    with pytest.raises(ValueError, match=r'^head: offset must have .* spatial size \(H_out, W_out\) = \(5, 6\)'):
+        other.head(x, offset, mask)  # outside DyHead: the op's error, naming the layer
     with pytest.raises(ValueError, match=r'offset must have'):  # too small a buffer: the error, flag or not
         ours(x, offset[:, :, :2, :2], mask[:, :, :2, :2])
 
