@@ -57,6 +57,15 @@ def test_one_line_in_an_mmdet_config_runs_mmdets_inferencer_on_dcn_det(tmp_path)
     assert len(result['predictions']) == 1 and 'scores' in result['predictions'][0]
 
 
+def test_mmengines_runner_builds_the_converted_model_as_mmdets_tools_do(tmp_path):
+    from mmengine.runner import Runner
+
+    cfg = zoo_config(MDCONV)
+    runner = Runner(model=dict(cfg.model, type=CONVERT_TYPE, model_type=cfg.model.type), work_dir=str(tmp_path),
+                    default_scope='mmdet')  # what mmdet's tools/train.py and tools/test.py build, via Runner.from_cfg
+    assert mmcv_ops_report(runner.model).dcn_det == {'ModulatedDeformConv2dPack': 13}
+
+
 def test_the_tools_convert_by_default_and_keep_mmcv_ops_undoes_a_configs_conversion(tmp_path):
     from tools import export_onnx, infer, test, train
 
