@@ -43,7 +43,14 @@ if not _running_env_check():
 
         from . import engine, models
         from .engine import DCNRunner
-        from .models import DCNResNet, DeformConv2dPack, DeformRoIExtractor, ModulatedDeformConv2dPack
+        from .models import (
+            DCNResNet,
+            DeformConv2dPack,
+            DeformRoIExtractor,
+            ModulatedDeformConv2dPack,
+            convert_mmcv_ops,
+            mmcv_ops_report,
+        )
 
-        __all__ += ['DCNResNet', 'DCNRunner', 'DeformConv2dPack', 'DeformRoIExtractor',
-                    'ModulatedDeformConv2dPack', 'engine', 'models']
+        __all__ += ['DCNResNet', 'DCNRunner', 'DeformConv2dPack', 'DeformRoIExtractor', 'ModulatedDeformConv2dPack',
+                    'convert_mmcv_ops', 'engine', 'mmcv_ops_report', 'models']

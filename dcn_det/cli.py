@@ -39,6 +39,21 @@ def load_config(path: str, cfg_options: Optional[dict] = None, work_dir: Optiona
     return cfg
 
 
+def add_kernel_switch(parser) -> None:
+    """``--keep-mmcv-ops``: the tools build every model on dcn_det's kernels unless it is given."""
+    parser.add_argument('--keep-mmcv-ops', action='store_true',
+                        help="run mmcv's deformable layers on mmcv's kernels (default: convert them to dcn_det's "
+                             "with dcn_det.convert_mmcv_ops; same weights and checkpoint keys)")
+
+
+def choose_kernels(cfg: Config, keep_mmcv_ops: bool) -> None:
+    """Build ``cfg``'s model converted to dcn_det's kernels (``type='ConvertMMCVOps'``) unless
+    ``keep_mmcv_ops``, which also undoes a config's own ``ConvertMMCVOps``."""
+    from dcn_det.models.convert import set_conversion
+
+    set_conversion(cfg, convert=not keep_mmcv_ops)
+
+
 def check_data(cfg: Config, mode: str) -> None:
     """Refuse, in one line naming the path, a config whose annotation files or image folders for a
     ``'train'`` or ``'test'`` run are missing or corrupt (:mod:`dcn_det.dataset_check`): before the

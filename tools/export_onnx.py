@@ -10,6 +10,8 @@ The whole detector goes into the file: backbone with its deformable convs (ONNX 
 RPN proposals with NMS, the RoI head with (modulated) deformable RoI pooling (``RoiAlign`` over
 offset bins, with the config's sampling ratio, adaptive included), box decoding and per-class NMS.
 Only standard ONNX domains are used (checked); opset 19 or newer (``DeformConv`` is opset 19).
+mmdet zoo configs export too: their mmcv deformable layers are converted first (:func:`dcn_det.convert_mmcv_ops`;
+``--keep-mmcv-ops`` keeps them, and the export then stops at the first one).
 
 The file's inputs and outputs (``images``, ``img_shapes``, ``scale_factors`` in; ``boxes``, ``scores``,
 ``labels``, ``num_dets`` out) are stated in ``dcn_det/deploy/metadata.py``; its metadata (``dcn_det.*``
@@ -32,7 +34,7 @@ import os.path as osp
 import sys
 
 from dcn_det.checkpoint import CheckpointLoadError
-from dcn_det.cli import DictAction, UsageError, fail, load_config
+from dcn_det.cli import DictAction, UsageError, add_kernel_switch, choose_kernels, fail, load_config
 
 
 def parse_args(argv=None):
@@ -54,6 +56,7 @@ def parse_args(argv=None):
                         help='allow a checkpoint that pickles Python objects (can run code)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, key=value (mmengine syntax)')
+    add_kernel_switch(parser)
     return parser.parse_args(argv)
 
 
@@ -78,6 +81,7 @@ def main(argv=None):
         if args.batch_size < 1:
             raise UsageError(f'--batch-size must be >= 1, got {args.batch_size}')
         cfg = load_config(args.config, args.cfg_options)
+        choose_kernels(cfg, args.keep_mmcv_ops)
         spec = InputSpec.from_config(cfg)
         classes = config_classes(cfg)
         model = load_detector(cfg, args.checkpoint, trust=args.trust_checkpoint)

@@ -20,7 +20,8 @@ is refused):
 A missing or unreadable image (or one too large for a fixed-size ONNX model) is reported, listed
 under ``skipped``, and the run goes on. With ``--onnx`` the file's classes, input preparation and
 source checkpoint must match CONFIG and CHECKPOINT (else it is refused, both sides named); the
-PyTorch model is then not built.
+PyTorch model is then not built. mmcv's deformable layers (mmdet zoo configs) run on dcn_det's kernels
+(:func:`dcn_det.convert_mmcv_ops`); ``--keep-mmcv-ops`` keeps mmcv's.
 """
 import argparse
 import datetime
@@ -31,7 +32,7 @@ import sys
 import time
 
 from dcn_det.checkpoint import CheckpointLoadError, atomic_write
-from dcn_det.cli import DictAction, UsageError, fail, load_config
+from dcn_det.cli import DictAction, UsageError, add_kernel_switch, choose_kernels, fail, load_config
 
 SAVE_EVERY = 50
 
@@ -50,6 +51,7 @@ def parse_args(argv=None):
                         help='allow a checkpoint that pickles Python objects (can run code)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, key=value (mmengine syntax)')
+    add_kernel_switch(parser)
     return parser.parse_args(argv)
 
 
@@ -84,6 +86,7 @@ def main(argv=None) -> dict:
         if not osp.isfile(args.checkpoint):
             raise UsageError(f'checkpoint {args.checkpoint!r} does not exist')
         cfg = load_config(args.config, args.cfg_options)
+        choose_kernels(cfg, args.keep_mmcv_ops)
         out_dir = args.out_dir or osp.join(cfg.work_dir, datetime.datetime.now().strftime('infer_%Y%m%d_%H%M%S'))
         if osp.isdir(out_dir) and os.listdir(out_dir):
             raise UsageError(f'--out-dir {out_dir!r} is not empty: choose a new folder')

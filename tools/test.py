@@ -10,13 +10,26 @@ dumps raw predictions (.pkl).
 ``--onnx MODEL.onnx`` evaluates a file written by ``tools/export_onnx.py`` in onnxruntime instead, on the
 same dataloader, metrics, hooks and metrics file (which then names the ONNX file). It is refused, both
 sides named, unless its classes, input preparation and source checkpoint are CONFIG's and CHECKPOINT's.
+
+mmcv's deformable layers (mmdet zoo configs) run on dcn_det's kernels (:func:`dcn_det.convert_mmcv_ops`, same
+checkpoint keys); ``--keep-mmcv-ops`` keeps mmcv's.
 """
 import argparse
 import json
 import os.path as osp
 
 from dcn_det.checkpoint import CheckpointLoadError, load_checkpoint_file, load_state_dict_strict
-from dcn_det.cli import DictAction, UsageError, build_runner, check_data, fail, load_config, set_local_rank
+from dcn_det.cli import (
+    DictAction,
+    UsageError,
+    add_kernel_switch,
+    build_runner,
+    check_data,
+    choose_kernels,
+    fail,
+    load_config,
+    set_local_rank,
+)
 
 AP_NAMES = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'bbox_mAP_s', 'bbox_mAP_m', 'bbox_mAP_l')
 
@@ -33,6 +46,7 @@ def parse_args(argv=None):
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, key=value (mmengine syntax)')
     parser.add_argument('--onnx', metavar='MODEL.onnx', help='evaluate this exported model in onnxruntime')
+    add_kernel_switch(parser)
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     return parser.parse_args(argv)
@@ -50,6 +64,7 @@ def main(argv=None) -> dict:
             if osp.exists(args.out):
                 raise UsageError(f'--out {args.out!r} exists: remove it or choose another path')
         cfg = load_config(args.config, args.cfg_options, args.work_dir)
+        choose_kernels(cfg, args.keep_mmcv_ops)
         check_data(cfg, 'test')
         onnx = onnx_model(args, cfg) if args.onnx else None
         cfg.launcher = args.launcher

@@ -3,13 +3,26 @@
 mmdet's ``tools/train.py`` with dcn_det's checks: outputs go to ``work_dirs/<config name>/``; a work
 dir that already holds checkpoints is not trained into again unless ``--resume`` says so; multi-GPU
 and multi-node runs go through ``tools/dist_train.sh`` (torchrun) or ``--launcher slurm``.
+
+Any mmdet config works, mmdet's model zoo included: mmcv's deformable layers are converted to dcn_det's
+kernels (:func:`dcn_det.convert_mmcv_ops`: same weights and checkpoint keys); ``--keep-mmcv-ops`` keeps mmcv's.
 """
 import argparse
 import glob
 import os.path as osp
 
 from dcn_det.checkpoint import CheckpointLoadError, load_checkpoint_file
-from dcn_det.cli import DictAction, UsageError, build_runner, check_data, fail, load_config, set_local_rank
+from dcn_det.cli import (
+    DictAction,
+    UsageError,
+    add_kernel_switch,
+    build_runner,
+    check_data,
+    choose_kernels,
+    fail,
+    load_config,
+    set_local_rank,
+)
 
 # mmengine's AmpOptimWrapper asserts one of these deep inside the runner; elsewhere --amp is refused up front.
 # bfloat16 autocast on a CPU is no substitute: over the whole forward it dies in mmcv's CPU NMS on the RPN
@@ -30,6 +43,7 @@ def parse_args(argv=None):
                         help='resume from CKPT, or from the latest checkpoint of the work dir if no CKPT')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, key=value (mmengine syntax)')
+    add_kernel_switch(parser)
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     return parser.parse_args(argv)
@@ -44,6 +58,7 @@ def main(argv=None) -> None:
         if args.amp and get_device() not in AMP_DEVICES:
             raise UsageError(CPU_AMP)
         cfg = load_config(args.config, args.cfg_options, args.work_dir)
+        choose_kernels(cfg, args.keep_mmcv_ops)
         check_data(cfg, 'train')
         cfg.launcher = args.launcher
         if args.amp:

@@ -281,13 +281,11 @@ def _is_from(module: nn.Module, package: str) -> bool:
 
 
 def _fix_for(module: nn.Module) -> str:
-    fixes = {
-        'ModulatedDeformConv2dPack': "build it as dcn_det's dcn=dict(type='MDConv') (same weights and keys)",
-        'DeformConv2dPack': "build it as dcn_det's dcn=dict(type='DConv') (same weights and keys)",
-        'ModulatedDeformRoIPoolPack': "use DeformRoIExtractor with roi_layer type='ModulatedDeformRoIPool'",
-        'DeformRoIPoolPack': "use DeformRoIExtractor with roi_layer type='DeformRoIPool'",
-    }
-    return fixes.get(type(module).__name__, 'replace it with a layer built from torch or torchvision ops')
+    from dcn_det.models.convert import mmcv_ops_report
+
+    if mmcv_ops_report(module).mmcv:
+        return "convert the model first with dcn_det.convert_mmcv_ops(model) (same weights and keys)"
+    return 'replace it with a layer built from torch or torchvision ops'
 
 
 def exportable_layers(detector: nn.Module) -> dict[str, nn.Module]:

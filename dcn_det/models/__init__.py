@@ -1,9 +1,11 @@
-"""The model layer: dcn_det.ops registered into mmdet's MODELS, the backbone and the RoI extractor."""
+"""The model layer: dcn_det.ops registered into mmdet's MODELS, the backbone, the RoI extractor, and
+:func:`convert_mmcv_ops` (mmdet models built on mmcv's deformable layers, moved onto dcn_det's kernels)."""
 from mmdet.registry import MODELS
 
 from dcn_det.ops import DeformRoIPool, ModulatedDeformRoIPool
 
 from .backbones import DCNResNet
+from .convert import convert_mmcv_ops, mmcv_ops_report
 from .layers import DeformConv2dPack, ModulatedDeformConv2dPack
 from .roi_heads import DeformRoIExtractor
 
@@ -11,4 +13,5 @@ from .roi_heads import DeformRoIExtractor
 MODELS.register_module(module=ModulatedDeformRoIPool)
 MODELS.register_module(module=DeformRoIPool)
 
-__all__ = ['DCNResNet', 'DeformConv2dPack', 'DeformRoIExtractor', 'ModulatedDeformConv2dPack']
+__all__ = ['DCNResNet', 'DeformConv2dPack', 'DeformRoIExtractor', 'ModulatedDeformConv2dPack', 'convert_mmcv_ops',
+           'mmcv_ops_report']

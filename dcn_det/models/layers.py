@@ -1,6 +1,8 @@
-"""DCNv1/DCNv2 conv layers that predict their own offsets, drop-in replacements for mmcv's packs.
+"""mmcv's deformable conv layers on dcn_det's op: the packs (which predict their own offsets) and the
+plain layers (which take offsets from their caller), drop-in replacements for mmcv's four classes.
 
-They subclass :class:`mmcv.ops.DeformConv2dPack` / :class:`mmcv.ops.ModulatedDeformConv2dPack`, so
+They subclass :class:`mmcv.ops.DeformConv2dPack` / :class:`mmcv.ops.ModulatedDeformConv2dPack` (and
+:class:`mmcv.ops.DeformConv2d` / :class:`mmcv.ops.ModulatedDeformConv2d`), so
 that everything keyed on mmcv's classes keeps working: mmengine's
 ``paramwise_cfg=dict(dcn_offset_lr_mult=...)`` finds ``conv_offset``, the zero initialisation of
 ``conv_offset`` is mmcv's, mmdet model-zoo checkpoints (``weight``, ``bias``, ``conv_offset.weight``,
@@ -9,6 +11,7 @@ are inherited. (Its pre-version-2 renaming of ``<layer>_offset.*`` keys never fi
 or mmengine's loaders, which hand a layer only the keys under its own prefix.) Only ``forward``
 changes: it calls :func:`dcn_det.ops.deform_conv2d` with the layer's ``backend``. They live in the
 models layer because they build on mmcv (the ops layer needs torch and torchvision only).
+:func:`dcn_det.convert_mmcv_ops` turns mmcv's instances into these classes in place.
 
 torch.compile: with the native backend a model containing these layers compiles into one graph
 (no graph break, aot_eager and inductor); with ``backend='mmcv'`` dynamo graph-breaks at each
@@ -17,12 +20,15 @@ deformable op (mmcv's pybind extension is opaque to it). See :mod:`dcn_det.ops.d
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+from mmcv.ops import DeformConv2d as _MMCVDeformConv2d
 from mmcv.ops import DeformConv2dPack as _MMCVDeformConv2dPack
+from mmcv.ops import ModulatedDeformConv2d as _MMCVModulatedDeformConv2d
 from mmcv.ops import ModulatedDeformConv2dPack as _MMCVModulatedDeformConv2dPack
 from mmdet.registry import MODELS
 from torch import Tensor, nn
 
-from dcn_det.ops import BACKEND_CHOICES, NonFiniteError, deform_conv2d
+from dcn_det.ops import BACKEND_CHOICES, deform_conv2d
 from dcn_det.ops._common import check_backend
 
 
@@ -35,6 +41,7 @@ class _Layer:
     """
 
     layer_name: Optional[str] = None  # set by the model that holds the layer, for error messages
+    backend = 'auto'  # what an mmcv instance converted in place (it has no __init__ of ours) runs on
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         nn.Module._load_from_state_dict(self, *args, **kwargs)
@@ -43,8 +50,8 @@ class _Layer:
         try:
             return deform_conv2d(x, offset, self.weight, bias, self.stride, self.padding, self.dilation,
                                  mask, backend=self.backend)
-        except NonFiniteError as e:
-            raise NonFiniteError(f'{self.layer_name or type(self).__name__}: {e}') from None
+        except ValueError as e:  # NonFiniteError and the op's shape errors: say which layer
+            raise type(e)(f'{self.layer_name or type(self).__name__}: {e}') from None
 
 
 # Short aliases as in mmdet's config names (mdconv / dconv); mmcv's own 'DCNv2'/'DCN' stay mmcv's.
@@ -90,3 +97,83 @@ class ModulatedDeformConv2dPack(_Layer, _MMCVModulatedDeformConv2dPack):
 
     def extra_repr(self) -> str:
         return f'backend={self.backend!r}'
+
+
+class DeformConv2d(_Layer, _MMCVDeformConv2d):
+    """DCNv1 layer whose offsets come from the caller (mmcv's ``DeformConv2d``: VFNet, RepPoints,
+    guided anchoring, FoveaBox, Cascade RPN, CentripetalNet heads).
+
+    Args: those of :class:`mmcv.ops.DeformConv2d` (no bias), plus ``backend``.
+
+    Shapes: x (Tensor[N, in_channels, H, W]), offset (Tensor[N, 2 * deform_groups * kh * kw, H_out, W_out])
+    -> Tensor[N, out_channels, H_out, W_out].
+    """
+
+    def __init__(self, *args, backend: str = 'auto', **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = check_backend(backend, BACKEND_CHOICES)
+
+    def forward(self, x: Tensor, offset: Tensor) -> Tensor:  # type: ignore[override]
+        # as mmcv's layer: an input smaller than the kernel is zero-padded at the bottom/right (offsets too)
+        # and the output cropped back, so that maps of 1-2 pixels (e.g. VFNet's P7 on small images) work
+        pad_h, pad_w = max(self.kernel_size[0] - x.size(2), 0), max(self.kernel_size[1] - x.size(3), 0)
+        if pad_h or pad_w:
+            x, offset = F.pad(x, (0, pad_w, 0, pad_h)), F.pad(offset, (0, pad_w, 0, pad_h))
+        out = self._deform_conv2d(x, offset, None, None)
+        return out[:, :, :out.size(2) - pad_h, :out.size(3) - pad_w] if pad_h or pad_w else out
+
+
+class ModulatedDeformConv2d(_Layer, _MMCVModulatedDeformConv2d):
+    """DCNv2 layer whose offsets and masks come from the caller (mmcv's ``ModulatedDeformConv2d``, e.g.
+    in DyHead).
+
+    Args: those of :class:`mmcv.ops.ModulatedDeformConv2d`, plus ``backend``.
+
+    Shapes: x (Tensor[N, in_channels, H, W]), offset (Tensor[N, 2 * deform_groups * kh * kw, H_out, W_out]),
+    mask (Tensor[N, deform_groups * kh * kw, H_out, W_out]) -> Tensor[N, out_channels, H_out, W_out].
+
+    ``reads_offsets_as_mmcv_buffer`` (default False) is mmcv's compatibility reading for offsets and masks
+    of another spatial size than the output, which mmcv's kernel accepts without a check (see
+    :func:`mmcv_buffer_view`); left False, such a call raises the op's shape error.
+    """
+
+    reads_offsets_as_mmcv_buffer = False
+
+    def __init__(self, *args, backend: str = 'auto', **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = check_backend(backend, BACKEND_CHOICES)
+
+    def forward(self, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
+        if self.reads_offsets_as_mmcv_buffer:
+            size = self.output_hw(x)
+            offset, mask = mmcv_buffer_view(offset, size), mmcv_buffer_view(mask, size)
+        return self._deform_conv2d(x, offset, mask, self.bias)
+
+    def output_hw(self, x: Tensor) -> tuple[int, int]:
+        """(H_out, W_out) of this layer for the input ``x`` (Tensor[N, C, H, W])."""
+        return tuple((x.size(2 + i) + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1)
+                     // self.stride[i] + 1 for i in range(2))
+
+    def extra_repr(self) -> str:
+        flag = ', reads_offsets_as_mmcv_buffer=True' if self.reads_offsets_as_mmcv_buffer else ''
+        return f'backend={self.backend!r}{flag}'
+
+
+def mmcv_buffer_view(t: Tensor, size: tuple[int, int]) -> Tensor:
+    """``t`` (Tensor[N, C, H, W]) as mmcv's deformable conv kernel reads it for an output of ``size``
+    (H_out, W_out): each sample's first ``C * H_out * W_out`` values, row-major, viewed as
+    Tensor[N, C, H_out, W_out]. The identity when (H, W) is ``size``, and ``t`` unchanged when it holds too
+    few values (the op then raises its shape error).
+
+    mmcv's kernel indexes the offset and mask buffers with the output's size and never checks their
+    shape. mmdet's DyHead (``necks/dyhead.py``, ``DyHeadBlock``) relies on that: its ``spatial_conv_high``
+    runs on the next-coarser level with the offset and mask predicted on the finer one (twice the size),
+    so the coarse level reads the first quarter of each sample's buffer (see microsoft/DynamicHead#25 on
+    that head's level order). DyHead weights were trained with this reading, so it is kept where
+    :func:`dcn_det.convert_mmcv_ops` finds that head; the public op still refuses such shapes.
+    """
+    n, c = t.shape[:2]
+    need = c * size[0] * size[1]
+    if tuple(t.shape[2:]) == tuple(size) or t.shape[1:].numel() < need:
+        return t
+    return t.reshape(n, -1)[:, :need].view(n, c, *size)

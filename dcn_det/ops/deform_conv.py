@@ -599,7 +599,7 @@ def _backward_chunk(go: Tensor, table: Tensor, sampler: _Sampler, r0: int, r1: i
     if acc.table is None and acc.offset is None and acc.mask is None:
         return
     grad_cols = torch.mm(go, w_mat[0]) if g == 1 else _ungrouped(torch.bmm(go_g, w_mat), k)
-    grad_cols = grad_cols.view(idx.shape[0], -1)  # (B, C/DG): one row per sample
+    grad_cols = grad_cols.reshape(idx.shape[0], -1)  # (B, C/DG): one row per sample (a copy only if strided)
     # The gather is the sparse (B, table rows) matrix of bilinear weights times the table: its transpose
     # scatters the column gradient into the table, and the sampled product <grad of sample b, corner row j>
     # (the gradient of the per-sample weights) gives the mask and offset gradients.

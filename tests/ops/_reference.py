@@ -85,6 +85,9 @@ CONFIGS = {
     'offset_groups4_one_channel_each': dict(c=4, offset_groups=4),
     'stride2_dilation2_kernel3x2': dict(h=7, w=8, kernel=(3, 2), stride=2, padding=2, dilation=2),
     'tuple_args_no_padding': dict(h=6, w=7, stride=(1, 2), padding=(0, 1), dilation=(2, 1)),
+    # TOOD's feature sampling: a depthwise 1x1 kernel with one offset group per channel, on a tiny map
+    'depthwise_1x1_offset_group_per_channel': dict(c=4, c_out=4, h=1, w=2, kernel=(1, 1), groups=4, offset_groups=4,
+                                                   padding=0, modulated=False),
 }
 
 TENSORS = ('input', 'offset', 'mask', 'weight', 'bias')

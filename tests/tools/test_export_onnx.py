@@ -63,7 +63,7 @@ def test_an_existing_output_is_never_overwritten(tiny, tmp_path, capsys):
     assert (tmp_path / 'x.onnx').read_text() == 'keep me'
 
 
-def test_a_layer_that_cannot_be_exported_is_named(tmp_path, capsys):
+def test_mmcvs_layers_export_converted_and_are_named_with_keep_mmcv_ops(tmp_path, capsys):
     from tools.export_onnx import main
 
     # mmdet's own ResNet with DCNv2 builds mmcv's compiled layer (R50: mmdet refuses DCN in R18 blocks)
@@ -73,6 +73,8 @@ def test_a_layer_that_cannot_be_exported_is_named(tmp_path, capsys):
               "init_cfg=None, stage_with_dcn=(False, True, True, True), dcn=dict(type='DCNv2', deform_groups=1))\n"
               "model['neck'].update(in_channels=[32, 64, 128, 256])\n")
     ckpt = write_checkpoint(cfg, tmp_path / 'm.pth')
-    err = refused(main, cfg, ckpt, tmp_path / 'x.onnx', capsys=capsys)
+    err = refused(main, cfg, ckpt, tmp_path / 'x.onnx', '--keep-mmcv-ops', capsys=capsys)
     assert ("error: cannot export backbone.layer2.0.conv2 (ModulatedDeformConv2dPack): mmcv's compiled op cannot be "
-            "traced by the exporter; build it as dcn_det's dcn=dict(type='MDConv')") in err
+            "traced by the exporter; convert the model first with dcn_det.convert_mmcv_ops(model)") in err
+    result = main([str(cfg), str(ckpt), str(tmp_path / 'y.onnx'), '--no-verify'])  # converted by default
+    assert 'DeformConv' in result.op_types
