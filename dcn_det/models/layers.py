@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from dcn_det.ops import BACKEND_CHOICES, deform_conv2d
 from dcn_det.ops._common import check_backend
+from dcn_det.ops.deform_conv import output_size
 
 
 class _Layer:
@@ -45,6 +46,20 @@ class _Layer:
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         nn.Module._load_from_state_dict(self, *args, **kwargs)
+
+    __repr__ = nn.Module.__repr__  # mmcv's DeformConv2d writes its own, without children or backend
+
+    def extra_repr(self) -> str:
+        # what torchvision's DeformConv2d shows (mmcv's layers show nothing), and the kernel this one runs on
+        s = (f'{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.kernel_size)}, '
+             f'stride={tuple(self.stride)}, padding={tuple(self.padding)}, dilation={tuple(self.dilation)}')
+        if self.groups != 1:
+            s += f', groups={self.groups}'
+        if self.deform_groups != 1:
+            s += f', deform_groups={self.deform_groups}'
+        if getattr(self, 'bias', None) is None:
+            s += ', bias=False'
+        return s + f', backend={self.backend!r}'
 
     def _deform_conv2d(self, x: Tensor, offset: Tensor, mask: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
         try:
@@ -94,10 +109,6 @@ class ModulatedDeformConv2dPack(_Layer, _MMCVModulatedDeformConv2dPack):
         o1, o2, mask = torch.chunk(out, 3, dim=1)
         offset = torch.cat((o1, o2), dim=1)
         return self._deform_conv2d(x, offset, torch.sigmoid(mask), self.bias)
-
-    def extra_repr(self) -> str:
-        return f'backend={self.backend!r}'
-
 
 class DeformConv2d(_Layer, _MMCVDeformConv2d):
     """DCNv1 layer whose offsets come from the caller (mmcv's ``DeformConv2d``: VFNet, RepPoints,
@@ -151,12 +162,11 @@ class ModulatedDeformConv2d(_Layer, _MMCVModulatedDeformConv2d):
 
     def output_hw(self, x: Tensor) -> tuple[int, int]:
         """(H_out, W_out) of this layer for the input ``x`` (Tensor[N, C, H, W])."""
-        return tuple((x.size(2 + i) + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1)
-                     // self.stride[i] + 1 for i in range(2))
+        return output_size(x.shape[2:], self.kernel_size, self.stride, self.padding, self.dilation)
 
     def extra_repr(self) -> str:
         flag = ', reads_offsets_as_mmcv_buffer=True' if self.reads_offsets_as_mmcv_buffer else ''
-        return f'backend={self.backend!r}{flag}'
+        return super().extra_repr() + flag
 
 
 def mmcv_buffer_view(t: Tensor, size: tuple[int, int]) -> Tensor:

@@ -398,3 +398,4 @@ def test_on_cuda_converted_layers_dispatch_as_auto_does():
     pool = convert_mmcv_ops(ModulatedDeformRoIPoolPack(7, 4, 16).cuda())
     out = pool(x, torch.tensor([[0, 1.0, 1.0, 6.0, 8.0]], device='cuda'))
     assert out.is_cuda and out.shape == (1, 4, 7, 7)
+
