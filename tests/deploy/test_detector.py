@@ -119,7 +119,8 @@ def test_a_layer_that_cannot_be_exported_is_named_with_the_fix():
     cfg.model.backbone.type = 'mmdet.ResNet'
     cfg.model.backbone.dcn = dict(type='DCNv2', deform_groups=1, fallback_on_stride=False)
     with pytest.raises(NotExportableError, match=r"^cannot export backbone\.layer2\.0\.conv2 "
-                                                 r"\(ModulatedDeformConv2dPack\): mmcv's compiled op .*type='MDConv'"):
+                                                 r"\(ModulatedDeformConv2dPack\): mmcv's compiled op .*convert the "
+                                                 r"model first with dcn_det\.convert_mmcv_ops\(model\)"):
         check_exportable(tiny_model(cfg))
     cfg = tiny_config('faster_rcnn_r50_fpn.py')
     cfg.model.test_cfg.rcnn.nms = dict(type='soft_nms', iou_threshold=0.5)

@@ -5,6 +5,7 @@ import os
 import os.path as osp
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -176,7 +177,10 @@ def test_amp_without_a_gpu_is_refused_in_one_line(shapes, tmp_path, monkeypatch,
 def test_two_cpu_processes_with_gloo(shapes, tmp_path):
     cfg = write_tiny_shapes_config(tmp_path / 'tiny.py', shapes / 'data', CLASSES, epochs=1)
     work = tmp_path / 'dist'
-    env = dict(os.environ, PORT='29533', PYTHON=sys.executable)
+    with socket.socket() as probe:  # a free port: another suite on this machine may be rendezvousing too
+        probe.bind(('127.0.0.1', 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, PORT=str(port), PYTHON=sys.executable)
     result = subprocess.run(['bash', 'tools/dist_train.sh', cfg, '2', '--work-dir', str(work)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
