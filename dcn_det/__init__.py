@@ -6,7 +6,6 @@ is loaded; where either is installed, mmcv must be a build mmdet 3.x accepts, wi
 ``python -m dcn_det.env_check`` reports the environment without importing any of it, so that it can
 say what is wrong with a stack that would stop this import.
 """
-import importlib.util
 import sys
 import warnings
 
@@ -16,13 +15,6 @@ __version__ = '0.1.0'
 def _running_env_check() -> bool:
     argv = getattr(sys, 'orig_argv', [])
     return '-m' in argv and argv[argv.index('-m') + 1:argv.index('-m') + 2] == ['dcn_det.env_check']
-
-
-def _installed(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 if not _running_env_check():
@@ -36,9 +28,9 @@ if not _running_env_check():
     __all__ = ['DeformRoIPool', 'ModulatedDeformRoIPool', 'deform_conv2d', 'deform_roi_pool', 'get_config',
                'get_config_file', 'ops']
 
-    if _installed('mmcv') or _installed('mmdet'):
-        from .env_check import check_stack
+    from .env_check import _installed, check_stack  # the standard library alone
 
+    if _installed('mmcv') or _installed('mmdet'):
         check_stack()  # before anything imports mmcv.ops: a clear message instead of a deep traceback
 
         from . import engine, models
