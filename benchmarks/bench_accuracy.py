@@ -12,7 +12,7 @@ the val split of ``--test-data``. ``--epochs`` stretches the demo's schedule, lr
 Runs go seed by seed, variants interleaved, ``--jobs`` at a time (default: one per core), each with
 ``cores / jobs`` torch threads. The thread count is recorded: it changes the float summation order,
 so a run is reproducible with the same count. One run per core is faster than one run using every
-core, as ``benchmarks/bench_parallel_runs.sh`` measures (README has its figures).
+core, as ``benchmarks/bench_parallel_runs.sh`` measures (docs/accuracy.md has its figures).
 
 Work dirs: <--work-root>/<variant>_s<seed>_e<epochs>. A finished run (its ``result.json``)
 is reused, not retrained; a run killed mid-way resumes from its last checkpoint. The JSON is rewritten

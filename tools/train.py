@@ -27,7 +27,7 @@ from dcn_det.cli import (
 # mmengine's AmpOptimWrapper asserts one of these deep inside the runner; elsewhere --amp is refused up front.
 # bfloat16 autocast on a CPU is no substitute: over the whole forward it dies in mmcv's CPU NMS on the RPN
 # proposals ("expected scalar type Float but found BFloat16"), and over backbone + neck only it was not faster
-# (README, Train), as the deformable ops compute in float32 inside.
+# (docs/speed.md), as the deformable ops compute in float32 inside.
 AMP_DEVICES = ('cuda', 'npu', 'mlu', 'musa')
 CPU_AMP = ("--amp needs a GPU (mmengine's AmpOptimWrapper: CUDA, NPU, MLU or MUSA); bfloat16 autocast on a CPU "
            "breaks mmcv's CPU NMS and was not faster where it ran (see tools/train.py): train without --amp")

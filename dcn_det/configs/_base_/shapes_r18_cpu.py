@@ -8,7 +8,7 @@ classes = ('ellipse', 'triangle', 'star', 'cross', 'ring')
 image_size = 320
 
 model = dict(
-    # channels_last: the backbone computes in the layout the CPU's convolutions work in (faster steps, README)
+    # channels_last: the backbone computes in the layout the CPU's convolutions work in (faster steps, docs/speed.md)
     backbone=dict(depth=18, base_channels=32, frozen_stages=-1, norm_eval=False, init_cfg=None, channels_last=True),
     neck=dict(in_channels=[32, 64, 128, 256], out_channels=64),
     rpn_head=dict(in_channels=64, feat_channels=64, anchor_generator=dict(scales=[4])),
@@ -44,7 +44,7 @@ test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
 test_evaluator = val_evaluator
 
-max_epochs = 12  # half of it leaves the demo far from converged (README, Results)
+max_epochs = 12  # half of it leaves the demo far from converged (docs/accuracy.md)
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=200),

@@ -93,7 +93,7 @@ class DCNResNet(ResNet):
             and dcn_det's deformable ops work in, and return the usual contiguous NCHW outputs (same
             values), so that necks, heads and mmcv's ops (whose CPU RoIAlign misreads channels-last
             memory) see mmdet's layout. Default False; the CPU demo configs set it, for faster
-            training steps (README).
+            training steps (docs/speed.md).
         **kwargs: everything mmdet's ``ResNet`` takes (``out_indices``, ``frozen_stages``,
             ``norm_cfg``, ``norm_eval``, ``style``, ``base_channels``, ``init_cfg`` ...).
 

@@ -29,8 +29,8 @@ class DeformRoIExtractor(SingleRoIExtractor):
         share_offset_predictor (bool): one offset/mask predictor for all levels (default), the
             extractor's own ``offset_predictor``, instead of one per level as mmdet builds: a
             predictor's first fc layers take the whole C x ph x pw pooled feature, so per level it
-            multiplies the model's largest layers by the number of levels (see README, "Sharing the
-            RoI offset predictor").
+            multiplies the model's largest layers by the number of levels (see docs/models.md, "Sharing
+            the RoI offset predictor").
         init_cfg (dict | list[dict], optional): initialisation config.
 
     Inputs: ``feats`` (tuple of ``Tensor[N, C, H_l, W_l]``), ``rois (Tensor[K, 5])``
