@@ -11,13 +11,18 @@ bias, for ``F.conv2d`` (dense: oneDNN on CPU, cuDNN on CUDA; no offsets) and for
 ``native`` (the compiled CPU kernel, or the public path on CUDA), ``native-public`` (the public-API
 fallback), ``mmcv`` and ``torchvision``. Methods are interleaved (dense, native, ..., dense, ...) and
 summarised by medians, so load from other processes hits all alike; ratios are to the dense median of
-the same run and thread count. ``--threads 1,2`` measures each thread count in turn.
+the same run and thread count. ``--threads 1,2`` measures each thread count in turn. ``--amp`` runs
+every method, dense included, under ``torch.autocast(device, dtype=torch.bfloat16)`` (mixed-precision
+training's forward and backward; on a CPU with native bfloat16 the native op then computes in bfloat16),
+against its own targets.
 
 Peak extra memory is the most tensor memory one forward+backward holds at once on top of its inputs,
 after one warm-up call: on CUDA ``torch.cuda.max_memory_allocated`` minus the allocation before the
 call; on CPU the running sum of the allocations and frees the PyTorch profiler records.
 
     .venv/bin/python -m benchmarks.bench_deform_conv --threads 1,2 --repeats 7
+    .venv/bin/python -m benchmarks.bench_deform_conv --threads 1,2 --repeats 7 --amp --shapes c3,c4,c5 \
+        --methods dense,native
     .venv/bin/python -m benchmarks.bench_deform_conv --shapes demo-c3,demo-c4,demo-c5 --methods dense,native
 """
 import argparse
@@ -40,6 +45,8 @@ SHAPES = {'c3': (128, 64, 2), 'c4': (256, 32, 2), 'c5': (512, 16, 2),
           'demo-c3': (64, 40, 4), 'demo-c4': (128, 20, 4), 'demo-c5': (256, 10, 4)}
 METHODS = ('dense', 'native', 'native-public', 'mmcv', 'torchvision')
 TARGETS = {'c3': 2.5, 'c4': 1.7, 'c5': 1.3, 'demo-c3': 3.0, 'demo-c4': 2.0, 'demo-c5': 1.7}
+# under bfloat16 autocast, as multiples of the dense conv under the same autocast
+AMP_TARGETS = {'c3': 2.0, 'c4': 1.6, 'c5': 1.5}
 
 
 def make_inputs(shape: str, device: str, offset_std: float = 2.0, seed: int = 0, size: int = 0) -> dict:
@@ -57,8 +64,15 @@ def make_inputs(shape: str, device: str, offset_std: float = 2.0, seed: int = 0,
                 bias=randn(channels))
 
 
-def step(method: str, t: dict) -> None:
-    """One forward+backward of ``method`` on the tensors ``t``; gradients are discarded."""
+def step(method: str, t: dict, amp: bool = False) -> None:
+    """One forward+backward of ``method`` on the tensors ``t`` (under bfloat16 autocast if ``amp``);
+    gradients are discarded."""
+    device = t['input'].device.type
+    with torch.autocast(device, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+        _step(method, t)
+
+
+def _step(method: str, t: dict) -> None:
     from dcn_det.ops import deform_conv2d, use_cpu_kernel
 
     if method == 'dense':
@@ -78,34 +92,34 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_shape(shape: str, methods: list, repeats: int, device: str, offset_std: float) -> dict:
+def time_shape(shape: str, methods: list, repeats: int, device: str, offset_std: float, amp: bool = False) -> dict:
     tensors = make_inputs(shape, device, offset_std)
     for m in methods:  # warm-up: lazy initialisation, allocator, thread pools
-        step(m, tensors)
+        step(m, tensors, amp)
     times = {m: [] for m in methods}
     for _ in range(repeats):
         for m in methods:
             sync(device)
             start = time.perf_counter()
-            step(m, tensors)
+            step(m, tensors, amp)
             sync(device)
             times[m].append(time.perf_counter() - start)
     return times
 
 
-def peak_memory(shape: str, method: str, device: str, offset_std: float) -> int:
+def peak_memory(shape: str, method: str, device: str, offset_std: float, amp: bool = False) -> int:
     """Bytes of tensors one forward+backward allocates beyond its inputs, at their peak."""
     tensors = make_inputs(shape, device, offset_std)
-    step(method, make_inputs(shape, device, offset_std, size=4))  # library set-up, not the op's memory
+    step(method, make_inputs(shape, device, offset_std, size=4), amp)  # library set-up, not the op's memory
     if device.startswith('cuda'):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        step(method, tensors)
+        step(method, tensors, amp)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(method, tensors)
+        step(method, tensors, amp)
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / 'trace.json'
         prof.export_chrome_trace(str(trace))
@@ -138,6 +152,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--threads', type=_choices([str(i) for i in range(1, 257)]), default=None,
                         help="CPU thread counts to measure in turn, e.g. '1,2' (default: torch's)")
     parser.add_argument('--offset-std', type=float, default=2.0, help='std of the offsets in pixels')
+    parser.add_argument('--amp', action='store_true', help='every method under bfloat16 autocast')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
     parser.add_argument('--out', default='work_dirs/bench/deform_conv.json', help='JSON results path')
     args = parser.parse_args(argv)
@@ -155,15 +170,17 @@ def main(argv=None) -> int:
     runs = []
     for threads in [int(t) for t in args.threads] if args.threads else [torch.get_num_threads()]:
         torch.set_num_threads(threads)
-        run = dict(machine=machine(args.device), repeats=args.repeats, offset_std=args.offset_std, shapes={})
+        run = dict(machine=machine(args.device), repeats=args.repeats, offset_std=args.offset_std, amp=args.amp,
+                   shapes={})
+        targets = AMP_TARGETS if args.amp else TARGETS
         for shape in args.shapes:
-            times = time_shape(shape, args.methods, args.repeats, args.device, args.offset_std)
+            times = time_shape(shape, args.methods, args.repeats, args.device, args.offset_std, args.amp)
             med = {m: statistics.median(v) for m, v in times.items()}
             channels, size, batch = SHAPES[shape]
             entry = dict(channels=channels, size=size, batch=batch, times_s=times, median_s=med,
-                         ratio_to_dense={m: med[m] / med['dense'] for m in args.methods}, target=TARGETS[shape])
+                         ratio_to_dense={m: med[m] / med['dense'] for m in args.methods}, target=targets.get(shape))
             if not args.no_memory:
-                entry['peak_extra_bytes'] = {m: peak_memory(shape, m, args.device, args.offset_std)
+                entry['peak_extra_bytes'] = {m: peak_memory(shape, m, args.device, args.offset_std, args.amp)
                                              for m in args.methods}
             run['shapes'][shape] = entry
             print(f'{threads} thread(s) {shape}: ' + ', '.join(f'{m} {med[m] * 1e3:.1f} ms' for m in args.methods),
@@ -179,7 +196,9 @@ def main(argv=None) -> int:
 
 
 def markdown(run: dict, methods: list) -> str:
-    lines = [f"DCNv2 forward+backward, 3x3 s1 p1, offsets std {run['offset_std']} px, {describe(run['machine'])}, "
+    precision = ', under bfloat16 autocast' if run.get('amp') else ''
+    lines = [f"DCNv2 forward+backward{precision}, 3x3 s1 p1, offsets std {run['offset_std']} px, "
+             f"{describe(run['machine'])}, "
              f"median of {run['repeats']}, load average before {run['machine']['load_average'][:1]}: time as a "
              f"multiple of dense (dense in ms), peak extra memory in MiB",
              '',
@@ -193,7 +212,7 @@ def markdown(run: dict, methods: list) -> str:
                 cell += f" / {e['peak_extra_bytes'][m] / 2**20:.0f} MiB"
             cells.append(cell)
         lines.append(f"| {shape} ({e['batch']}x{e['channels']}ch@{e['size']}²) | " + ' | '.join(cells)
-                     + f" | ≤ {e['target']}x |")
+                     + (f" | ≤ {e['target']}x |" if e['target'] else ' | – |'))
     return '\n'.join(lines)
 
 

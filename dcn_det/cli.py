@@ -54,6 +54,41 @@ def choose_kernels(cfg: Config, keep_mmcv_ops: bool) -> None:
     set_conversion(cfg, convert=not keep_mmcv_ops)
 
 
+# where mmengine's AmpOptimWrapper (float16 with loss scaling) runs; on a CPU --amp is bfloat16 autocast
+AMP_DEVICES = ('cuda', 'npu', 'mlu', 'musa')
+
+
+def add_amp_switch(parser, what: str) -> None:
+    parser.add_argument('--amp', action='store_true',
+                        help=f'{what} in mixed precision: float16 on a GPU (mmengine\'s AmpOptimWrapper), bfloat16 '
+                             'on a CPU with native bfloat16 (AVX512-BF16 or AMX; dcn_det.models.amp)')
+
+
+def set_amp(cfg: Config, mode: str) -> None:
+    """``--amp`` for a ``'train'`` or ``'test'`` run: mmengine's AmpOptimWrapper on an accelerator,
+    ``CPUAmpOptimWrapper`` on a CPU; in testing mmengine's test loop with ``fp16``. A CPU without native
+    bfloat16 is refused in one line. (A CPU test run also needs :func:`dcn_det.models.keep_float32` on
+    the built model.)"""
+    from mmengine.device import get_device
+
+    device = get_device()
+    if device == 'cpu':
+        from dcn_det.models.amp import check_cpu_amp
+        try:
+            check_cpu_amp()
+        except RuntimeError as e:
+            raise UsageError(f'--amp: {e}') from None
+    elif device not in AMP_DEVICES:
+        raise UsageError(f'--amp runs on a CPU with native bfloat16 or on {", ".join(AMP_DEVICES)}, not {device}')
+    if mode == 'test':
+        cfg.test_cfg = dict(cfg.get('test_cfg') or dict(type='TestLoop'), fp16=True)
+    elif device == 'cpu':
+        cfg.optim_wrapper.type = 'CPUAmpOptimWrapper'
+    else:
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.loss_scale = 'dynamic'
+
+
 def check_data(cfg: Config, mode: str) -> None:
     """Refuse, in one line naming the path, a config whose annotation files or image folders for a
     ``'train'`` or ``'test'`` run are missing or corrupt (:mod:`dcn_det.dataset_check`): before the

@@ -11,6 +11,8 @@ dumps raw predictions (.pkl).
 same dataloader, metrics, hooks and metrics file (which then names the ONNX file). It is refused, both
 sides named, unless its classes, input preparation and source checkpoint are CONFIG's and CHECKPOINT's.
 
+``--amp`` tests in mixed precision (bfloat16 on a CPU with native bfloat16, as ``tools/train.py --amp``).
+
 mmcv's deformable layers (mmdet zoo configs) run on dcn_det's kernels (:func:`dcn_det.convert_mmcv_ops`, same
 checkpoint keys); ``--keep-mmcv-ops`` keeps mmcv's.
 """
@@ -22,12 +24,14 @@ from dcn_det.checkpoint import CheckpointLoadError, load_checkpoint_file, load_s
 from dcn_det.cli import (
     DictAction,
     UsageError,
+    add_amp_switch,
     add_kernel_switch,
     build_runner,
     check_data,
     choose_kernels,
     fail,
     load_config,
+    set_amp,
     set_local_rank,
 )
 
@@ -46,6 +50,7 @@ def parse_args(argv=None):
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, key=value (mmengine syntax)')
     parser.add_argument('--onnx', metavar='MODEL.onnx', help='evaluate this exported model in onnxruntime')
+    add_amp_switch(parser, 'test')
     add_kernel_switch(parser)
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
@@ -66,6 +71,10 @@ def main(argv=None) -> dict:
         cfg = load_config(args.config, args.cfg_options, args.work_dir)
         choose_kernels(cfg, args.keep_mmcv_ops)
         check_data(cfg, 'test')
+        if args.amp:
+            if args.onnx:
+                raise UsageError('--amp is for the PyTorch model: drop it with --onnx')
+            set_amp(cfg, 'test')
         onnx = onnx_model(args, cfg) if args.onnx else None
         cfg.launcher = args.launcher
         ckpt = load_checkpoint_file(args.checkpoint, trust=args.trust_checkpoint)
@@ -79,6 +88,9 @@ def main(argv=None) -> dict:
         runner = build_runner(cfg)
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         load_state_dict_strict(model, state, f'checkpoint {args.checkpoint!r}')
+        if args.amp:
+            from dcn_det.models import keep_float32
+            keep_float32(model)
         if onnx is not None:
             runner.model = onnx  # the test loop calls runner.model.test_step: now onnxruntime's
     except (UsageError, CheckpointLoadError) as e:

@@ -4,6 +4,7 @@ from mmdet.registry import MODELS
 
 from dcn_det.ops import DeformRoIPool, ModulatedDeformRoIPool
 
+from .amp import CPUAmpOptimWrapper, keep_float32
 from .backbones import DCNResNet
 from .convert import convert_mmcv_ops, mmcv_ops_report
 from .layers import DeformConv2dPack, ModulatedDeformConv2dPack
@@ -13,5 +14,5 @@ from .roi_heads import DeformRoIExtractor
 MODELS.register_module(module=ModulatedDeformRoIPool)
 MODELS.register_module(module=DeformRoIPool)
 
-__all__ = ['DCNResNet', 'DeformConv2dPack', 'DeformRoIExtractor', 'ModulatedDeformConv2dPack', 'convert_mmcv_ops',
-           'mmcv_ops_report']
+__all__ = ['CPUAmpOptimWrapper', 'DCNResNet', 'DeformConv2dPack', 'DeformRoIExtractor', 'ModulatedDeformConv2dPack',
+           'convert_mmcv_ops', 'keep_float32', 'mmcv_ops_report']

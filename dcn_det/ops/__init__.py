@@ -9,9 +9,10 @@
 
 The deformable conv layers (mmcv-compatible packs) are in :mod:`dcn_det.models.layers`.
 """
-from ._common import BACKEND_CHOICES, BACKENDS, NonFiniteError
+from ._common import BACKEND_CHOICES, BACKENDS, NonFiniteError, cpu_flags, cpu_has_native_bf16
 from .deform_conv import cpu_kernel, deform_conv2d, use_cpu_kernel
 from .deform_roi_pool import DeformRoIPool, ModulatedDeformRoIPool, RoIOffsetPredictor, deform_roi_pool
 
 __all__ = ['BACKENDS', 'BACKEND_CHOICES', 'DeformRoIPool', 'ModulatedDeformRoIPool', 'NonFiniteError',
-           'RoIOffsetPredictor', 'cpu_kernel', 'deform_conv2d', 'deform_roi_pool', 'use_cpu_kernel']
+           'RoIOffsetPredictor', 'cpu_flags', 'cpu_has_native_bf16', 'cpu_kernel', 'deform_conv2d', 'deform_roi_pool',
+           'use_cpu_kernel']

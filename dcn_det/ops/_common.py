@@ -3,8 +3,11 @@
 Dtype rule (both ops, every backend): every floating-point tensor argument must have ``input``'s
 dtype, as ``F.conv2d`` requires, with two exceptions: RoI coordinates may be float32 or float64
 whatever the features' dtype (image coordinates in float16 are only accurate to 0.5 px above 1024),
-and under ``torch.autocast`` the arguments are cast to float32 (the op runs in float32, as autocast's
-float32 ops do). Half and bfloat16 are computed in float32 and returned in ``input``'s dtype.
+and under ``torch.autocast`` the arguments are cast to one dtype, :func:`autocast_dtype`: bfloat16 for
+the deformable conv under CPU bfloat16 autocast on a CPU with native bfloat16 (the op then runs in
+bfloat16, as autocast's ``conv2d`` does), float32 otherwise (the op runs in float32, as autocast's float32
+ops do). Half and bfloat16 are computed in float32 and returned in ``input``'s dtype, except bfloat16
+in the native deformable conv's compiled CPU kernel on such a CPU (:mod:`dcn_det.ops.deform_conv`).
 
 Non-finite policy (both ops, every backend we call): a NaN or infinite offset, mask or RoI coordinate
 raises :class:`NonFiniteError`, naming the tensor and how many values are bad; the layers add their
@@ -12,6 +15,7 @@ own name. Such a value would otherwise pick arbitrary pixels (or none) and hide 
 run. Non-finite *features* are not checked: they propagate to the output, as in a dense conv.
 """
 import functools
+import os
 from typing import Optional, Sequence, Union
 
 import torch
@@ -89,9 +93,54 @@ def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
 
 def autocast_to_float32(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
     """Under torch.autocast: every tensor as float32 (the op runs in float32); else unchanged."""
+    return autocast_to(torch.float32, *tensors)
+
+
+def autocast_to(dtype: torch.dtype, *tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """Under torch.autocast: every tensor as ``dtype``; else unchanged."""
     if not any(t is not None and torch.is_autocast_enabled(t.device.type) for t in tensors):
         return tensors
-    return tuple(None if t is None else t.float() for t in tensors)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """The dtype the deformable conv runs in under autocast on ``device``: bfloat16 under CPU bfloat16
+    autocast where the CPU computes bfloat16 natively (:func:`cpu_has_native_bf16`), else float32."""
+    if (device.type == 'cpu' and torch.get_autocast_dtype('cpu') == torch.bfloat16
+            and cpu_has_native_bf16()):
+        return torch.bfloat16
+    return torch.float32
+
+
+# CPU flags (Linux /proc/cpuinfo) of bfloat16 dot products: x86 AVX-512 BF16 or AMX, Arm's BF16 extension
+NATIVE_BF16_FLAGS = ('avx512_bf16', 'amx_bf16', 'bf16')
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16, AMX-BF16 or Arm BF16), read
+    from ``/proc/cpuinfo``; False where that cannot be read. oneDNN's bfloat16 GEMMs and convolutions
+    outrun float32 only on such CPUs; elsewhere bfloat16 would be emulated, slower than float32.
+    ``DCN_DET_CPU_BF16=0`` (or ``1``) overrides it, e.g. to compare the float32 path on such a CPU."""
+    forced = os.environ.get('DCN_DET_CPU_BF16')
+    if forced in ('0', '1'):
+        return forced == '1'
+    if forced is not None:
+        raise ValueError(f'DCN_DET_CPU_BF16 must be 0 or 1, got {forced!r}')
+    return any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
+
+
+@functools.cache
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (x86 ``flags``, Arm ``Features``); empty elsewhere."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                key, _, value = line.partition(':')
+                if key.strip() in ('flags', 'Features'):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def memory_format(t: Tensor) -> torch.memory_format:

@@ -54,13 +54,15 @@ from . import _ext
 from ._common import (
     BACKEND_CHOICES,
     IntPair,
-    autocast_to_float32,
+    autocast_dtype,
+    autocast_to,
     check_backend,
     check_devices,
     check_dtypes,
     check_finite,
     check_tensor,
     compute_dtype,
+    cpu_has_native_bf16,
     grad_layout,
     memory_format,
     mmcv_has_cuda,
@@ -167,7 +169,9 @@ def deform_conv2d(input: Tensor,
         NonFiniteError: ``offset`` or ``mask`` holds a NaN or an infinity.
     """
     geom = check_args(input, offset, weight, bias, stride, padding, dilation, mask)
-    input, offset, weight, bias, mask = autocast_to_float32(input, offset, weight, bias, mask)
+    if torch.is_autocast_enabled(input.device.type):
+        input, offset, weight, bias, mask = autocast_to(autocast_dtype(input.device), input, offset, weight, bias,
+                                                        mask)
     backend = resolve_backend(backend, input.device)
     if backend == 'native':  # the custom op checks offset and mask itself (so that compiled graphs do too)
         return native_deform_conv2d(input, offset, mask, weight, bias, geom)
@@ -300,6 +304,15 @@ def _use_compiled(t: Tensor) -> bool:
     return t.device.type == 'cpu' and cpu_kernel() == 'compiled'
 
 
+def _kernel_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    """The dtype the kernel computes in: bfloat16 for bfloat16 tensors in the compiled CPU kernel on a CPU
+    with native bfloat16, else :func:`compute_dtype`."""
+    if (all(t is None or t.dtype == torch.bfloat16 for t in tensors) and _use_compiled(tensors[0])
+            and cpu_has_native_bf16()):
+        return torch.bfloat16
+    return compute_dtype(*tensors)
+
+
 @torch.library.custom_op('dcn_det::deform_conv2d', mutates_args=())
 def deform_conv2d_op(input: Tensor, offset: Tensor, mask: Optional[Tensor], weight: Tensor,
                      bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
@@ -308,7 +321,7 @@ def deform_conv2d_op(input: Tensor, offset: Tensor, mask: Optional[Tensor], weig
     check_finite(offset, 'offset')
     check_finite(mask, 'mask')
     geom = _geometry(input, weight, stride, padding, dilation, groups, offset_groups)
-    dtype = compute_dtype(input, offset, mask, weight, bias)
+    dtype = _kernel_dtype(input, offset, mask, weight, bias)
     args = [None if t is None else t.to(dtype) for t in (input, offset, mask, weight, bias)]
     with torch.autocast(input.device.type, enabled=False):
         if _use_compiled(input):
@@ -334,7 +347,7 @@ def deform_conv2d_backward_op(grad_out: Tensor, input: Tensor, offset: Tensor, m
     """Gradients of (input, offset, mask, weight, bias); an empty tensor where ``needs`` is False or
     the argument is None."""
     geom = _geometry(input, weight, stride, padding, dilation, groups, offset_groups)
-    dtype = compute_dtype(input, offset, mask, weight, bias)
+    dtype = _kernel_dtype(input, offset, mask, weight, bias)
     args = [None if t is None else t.to(dtype) for t in (input, offset, mask, weight)]
     needs = [bool(v) for v in needs]
     needs[2] = needs[2] and mask is not None
@@ -506,7 +519,7 @@ def _gather_matrix(idx: Tensor, psw: Tensor, rows: int) -> Tensor:
 
 def public_forward(input: Tensor, offset: Tensor, mask: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
             geom, chunk_bytes: int) -> Tensor:
-    """Tensor[N, C_out, H_out, W_out] (a channels-last view)."""
+    """Tensor[N, C_out, H_out, W_out] (channels-last)."""
     n, c, _, _ = input.shape
     c_out, _, kh, kw = weight.shape
     h_out, w_out = geom.out_size
@@ -514,7 +527,11 @@ def public_forward(input: Tensor, offset: Tensor, mask: Optional[Tensor], weight
     table = _table(input)
     sampler = _Sampler(input.shape, (kh, kw), geom, offset, mask)
     w_mat = _weight_matrix(weight, g)
-    out = input.new_empty(n * h_out * w_out, c_out)
+    # written as rows of output pixels into a channels-last tensor of its own (not a view: an op's output
+    # may be modified in place)
+    result = torch.empty(n, c_out, h_out, w_out, dtype=input.dtype, device=input.device,
+                         memory_format=torch.channels_last)
+    out = result.permute(0, 2, 3, 1).view(n * h_out * w_out, c_out)
     for r0, r1 in _chunks(n * h_out, w_out * kh * kw * c * table.element_size(), chunk_bytes):
         n0, n1 = sampler.images(r0, r1)
         idx, wts, _, _ = sampler(r0, r1)
@@ -532,7 +549,7 @@ def public_forward(input: Tensor, offset: Tensor, mask: Optional[Tensor], weight
             if bias is not None:
                 res = res + bias.view(g, 1, c_out // g)
             dst.copy_(res.transpose(0, 1).reshape(dst.shape))
-    return out.view(n, h_out, w_out, c_out).permute(0, 3, 1, 2)
+    return result
 
 
 class _Grads(NamedTuple):

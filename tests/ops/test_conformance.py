@@ -2,9 +2,12 @@
 
 Paths (``CONV_PATHS``, ``ROI_PATHS``; a new kernel joins by adding one entry):
 
-- ``deform_conv2d``: dcn_det's compiled CPU kernel (``compiled``), its public-API path (``public``, what runs
-  where the compiled kernel is not built), mmcv's CPU kernels (``mmcv``), torchvision's (``torchvision``), and
-  on a CUDA GPU the native op (public kernel), mmcv's and torchvision's CUDA kernels;
+- ``deform_conv2d``: dcn_det's compiled CPU kernel (``compiled``), the same in bfloat16 (``compiled-bf16``:
+  what runs under CPU bfloat16 autocast; each case's tensors cast to bfloat16 and the results back, compared
+  with the tolerance of bfloat16's rounding, or in relative norm against float64 on the same rounded inputs;
+  no gradcheck), its public-API path (``public``, what runs where the compiled kernel is not built), mmcv's
+  CPU kernels (``mmcv``), torchvision's (``torchvision``), and on a CUDA GPU the native op (public kernel),
+  mmcv's and torchvision's CUDA kernels;
 - ``deform_roi_pool``: the native kernel (``native``), the ``torchvision`` backend (bin RoIs through
   ``roi_align``: no offset gradient), and on CUDA the same two and mmcv's kernel (mmcv 2.1 has no CPU
   kernel for this op).
@@ -40,6 +43,7 @@ Cases, and where they come from:
   same error on every path.
 """
 import collections
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable, Optional
@@ -71,9 +75,23 @@ class Path:
     cpu_kernel: Optional[str] = None
     rounding: float = 0.0
     offset_grad: bool = True
+    dtype: Optional[torch.dtype] = None  # a low-precision path: its floating-point tensors cast to this dtype
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.op(*args, **kwargs, backend=self.backend)
+        if self.dtype is None:
+            return self.op(*args, **kwargs, backend=self.backend)
+        # computed in self.dtype, through casts, so that the output and the gradients have the callers' dtype;
+        # arguments of mixed or non-floating dtypes (the dtype rule's cases) are passed as they are
+        tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+        if not tensors or len({t.dtype for t in tensors}) > 1 or not tensors[0].is_floating_point():
+            return self.op(*args, **kwargs, backend=self.backend)
+        source = tensors[0].dtype
+
+        def cast(t: Any) -> Any:
+            return t.to(self.dtype) if isinstance(t, torch.Tensor) else t
+
+        out = self.op(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()}, backend=self.backend)
+        return out.to(source)
 
     def put(self, value: Any) -> Any:
         """CPU tensors (alone or in a dict) moved to the path's device, strides kept; anything else as is."""
@@ -86,6 +104,10 @@ class Path:
     def close(self, actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, msg: str = '') -> None:
         torch.testing.assert_close(actual.detach().cpu(), expected.detach().cpu(), rtol=max(rtol, self.rounding),
                                    atol=max(atol, self.rounding), msg=f'{self.name} {msg}'.strip())
+
+    def skip_low_precision(self, why: str) -> None:
+        if self.dtype is not None:
+            pytest.skip(f'{self.name}: {why}')
 
     def missing(self) -> Optional[tuple[bool, str]]:
         """None if the path can run here, else (expected here, why it cannot)."""
@@ -111,6 +133,9 @@ class Path:
 CONV_PATHS = [
     Path('compiled', deform_conv2d, 'native', cpu_kernel='compiled'),
     Path('public', deform_conv2d, 'native', cpu_kernel='public'),
+    # bfloat16 (columns and GEMMs in bfloat16, sums in float32) against the float64 figures: the tolerance is
+    # bfloat16's rounding of the inputs and columns (3 significant digits)
+    Path('compiled-bf16', deform_conv2d, 'native', cpu_kernel='compiled', dtype=torch.bfloat16, rounding=5e-2),
     Path('mmcv', deform_conv2d, 'mmcv'),
     Path('torchvision', deform_conv2d, 'torchvision'),
     # float64 atomics in the CUDA backward: another summation order
@@ -173,11 +198,12 @@ def path(request):
     reason = _known_failure(request.node, p)
     if reason is not None:
         request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-    if p.cpu_kernel is None:
+    with contextlib.ExitStack() as stack:
+        if p.cpu_kernel is not None:
+            stack.enter_context(use_cpu_kernel(p.cpu_kernel))
+        if p.dtype == torch.bfloat16:  # the bfloat16 kernel, whatever this CPU's bfloat16 instructions
+            stack.enter_context(pytest.MonkeyPatch.context()).setenv('DCN_DET_CPU_BF16', '1')
         yield p
-    else:
-        with use_cpu_kernel(p.cpu_kernel):
-            yield p
 
 
 def relaid(t: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
@@ -253,6 +279,7 @@ def test_torchvision_forward(path, batch, contiguous, modulated):
 @TV_VARIANTS
 @MODULATED
 def test_torchvision_gradcheck(path, batch, contiguous, modulated):
+    path.skip_low_precision('gradcheck: finite differences need float64')
     args = leaves(_tv_args(path, batch, contiguous, modulated))
     names = [k for k in ('input', 'offset', 'mask', 'weight', 'bias') if args[k] is not None]
 
@@ -276,7 +303,7 @@ def test_torchvision_wrong_sizes(path, wrong):
 # the case 81 times dearer on the CPU and are reduced to 1. It runs on the CUDA kernels, where the bug
 # lived, and on the default CPU kernel; on the public kernel (the code that runs on CUDA, tested there)
 # it would cost 13 s on the CPU.
-LARGE_MAP_PATHS = [p for p in CONV_PATHS if p.device == 'cuda' or p.cpu_kernel == 'compiled']
+LARGE_MAP_PATHS = [p for p in CONV_PATHS if p.device == 'cuda' or (p.cpu_kernel == 'compiled' and p.dtype is None)]
 
 
 @functools.cache
@@ -431,9 +458,17 @@ def test_detectron2_small_input(path, kernel_size, modulated):
 # deformable conv: the shared configurations, memory formats, argument rules
 
 
+def _config_inputs(name: str, rounded_to: Optional[torch.dtype] = None) -> dict:
+    """The inputs of CONFIGS[name] in float64, rounded to ``rounded_to``'s precision if given."""
+    args = make_inputs(**CONFIGS[name])
+    if rounded_to is None:
+        return args
+    return {k: v.to(rounded_to).double() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
 @functools.cache
-def _config_expected(name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    args = leaves(make_inputs(**CONFIGS[name]))
+def _config_expected(name: str, rounded_to: Optional[torch.dtype] = None) -> tuple[torch.Tensor, dict]:
+    args = leaves(_config_inputs(name, rounded_to))
     out = conv_reference(**args)
     tensors = {k: v for k, v in args.items() if isinstance(v, torch.Tensor)}
     grads = torch.autograd.grad(out, list(tensors.values()), _grad_like(out))
@@ -444,16 +479,34 @@ def _grad_like(out: torch.Tensor) -> torch.Tensor:
     return torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype).to(out.device)
 
 
+# Relative error (Frobenius norm) a low-precision path may have against float64 on the same (rounded) inputs:
+# a dense bfloat16 conv's for the output and the input, weight and bias gradients; the offset and mask
+# gradients differences of the column gradient at neighbouring corners, more.
+LOW_PRECISION_ERROR = dict(output=1e-2, input=1e-2, weight=1e-2, bias=1e-2, offset=3e-2, mask=3e-2)
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.detach().cpu().double() - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
 @on_paths(CONV_PATHS)
 @pytest.mark.parametrize('name', CONFIGS)
 def test_configs_forward_and_gradients(path, name):
-    args = leaves(path.put(make_inputs(**CONFIGS[name])))
+    """Every tensor's gradient against the float64 loops; a low-precision path on the same inputs rounded to
+    its dtype, within LOW_PRECISION_ERROR."""
+    args = leaves(path.put(_config_inputs(name, path.dtype)))
     out = path(**args)
     out.backward(_grad_like(out))
-    expected, grads = _config_expected(name)
-    path.close(out, expected, rtol=1e-10, atol=1e-10, msg='output')
-    for k, g in grads.items():
-        path.close(args[k].grad, g, rtol=1e-10, atol=1e-10, msg=f'{k} gradient')
+    expected, grads = _config_expected(name, path.dtype)
+    if path.dtype is None:
+        path.close(out, expected, rtol=1e-10, atol=1e-10, msg='output')
+        for k, g in grads.items():
+            path.close(args[k].grad, g, rtol=1e-10, atol=1e-10, msg=f'{k} gradient')
+        return
+    errors = {'output': _relative_error(out, expected)}
+    errors.update({k: _relative_error(args[k].grad, g) for k, g in grads.items()})
+    assert all(e <= LOW_PRECISION_ERROR[k] for k, e in errors.items()), errors
+    assert errors['output'] > 0, 'computed in float64, not in the path\'s dtype'
 
 
 CHANNELS_LAST = torch.channels_last

@@ -240,19 +240,93 @@ def test_low_precision_inputs(dtype, backend, kernel):
     torch.testing.assert_close(out.float(), exact, rtol=2e-2, atol=5e-2)
 
 
-def test_autocast_bf16_cpu():
+@pytest.fixture(params=['1', '0'], ids=['native_bf16', 'no_native_bf16'])
+def native_bf16(request, monkeypatch):
+    """Run the test as on a CPU with native bfloat16 ('1': the bfloat16 kernel) and as on one without."""
+    monkeypatch.setenv('DCN_DET_CPU_BF16', request.param)
+    with use_cpu_kernel('compiled'):
+        yield request.param == '1'
+
+
+def test_autocast_bf16_cpu(native_bf16):
+    """Under CPU bfloat16 autocast the op computes and returns bfloat16 where the CPU has native bfloat16 (as
+    autocast's conv2d does), float32 elsewhere; the parameters' gradients are float32 either way."""
     torch.manual_seed(0)
-    layer = ModulatedDeformConv2dPack(4, 6, 3, padding=1, backend='native')
+    layer = ModulatedDeformConv2dPack(16, 8, 3, padding=1, backend='native')
     nn.init.normal_(layer.conv_offset.weight, std=0.1)
-    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = layer(x)
-    assert out.dtype == torch.float32  # the op returns its input's dtype
-    out.sum().backward()
-    assert layer.conv_offset.weight.grad.dtype == torch.float32
-    grad = layer.conv_offset.weight.grad
-    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
-    torch.testing.assert_close(out, layer(x), rtol=0.05, atol=0.05)
+    assert out.dtype == (torch.bfloat16 if native_bf16 else torch.float32)
+    out.float().sum().backward()
+    for p in (layer.weight, layer.bias, layer.conv_offset.weight, x):
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    exact = layer(x)
+    assert ((out.float() - exact).norm() / exact.norm()) < 1e-2
+
+
+def test_bf16_kernel_computes_in_bf16(monkeypatch):
+    """bfloat16 tensors: the bfloat16 kernel where the CPU has native bfloat16, else float32 (closer to the
+    float64 result); both return bfloat16."""
+    args = make_inputs(n=2, c=32, h=9, w=9, c_out=16, dtype=torch.float64)
+    low = {k: (v.bfloat16() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    exact = reference(**{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in low.items()})
+    outs = {}
+    with use_cpu_kernel('compiled'):
+        for flag in ('1', '0'):
+            monkeypatch.setenv('DCN_DET_CPU_BF16', flag)
+            outs[flag] = native(**low)
+            assert outs[flag].dtype == torch.bfloat16
+    err = {flag: float((out.double() - exact).norm() / exact.norm()) for flag, out in outs.items()}
+    assert 0 < err['1'] < 1e-2 and not torch.equal(outs['1'], outs['0'])
+
+
+@pytest.mark.parametrize('name', ['v2', 'groups2_offset_groups2'])
+def test_bf16_at_network_sizes_against_float64(monkeypatch, name):
+    """A ResNet-like layer (64 channels, offsets of std 2 px): the bfloat16 kernel's output and gradients
+    within a dense bfloat16 conv's relative error of float64 (1e-2), the offset and mask gradients 3e-2."""
+    monkeypatch.setenv('DCN_DET_CPU_BF16', '1')
+    config = dict(CONFIGS[name], n=2, c=64, c_out=64, h=16, w=16, scale=2.0)
+    rounded = {k: (v.bfloat16().double() if isinstance(v, torch.Tensor) else v)
+               for k, v in make_inputs(**config).items()}
+    expected, expected_grads = forward_backward(reference, rounded)
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    low = {k: (v.bfloat16().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in rounded.items()}
+    with use_cpu_kernel('compiled'):
+        out = native(**low)
+    out.backward(grad_out.bfloat16())
+    grads = {k: low[k].grad for k in expected_grads}
+    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads.values())
+
+    def rel(a, b):
+        return float((a.detach().double() - b).norm() / b.norm())
+
+    assert rel(out, expected) < 1e-2
+    for k, g in grads.items():
+        assert rel(g, expected_grads[k]) < (3e-2 if k in ('offset', 'mask') else 1e-2), k
+    # and a dense bfloat16 conv of the same inputs is about as far from float64
+    groups = config['c'] // rounded['weight'].shape[1]
+    dense = F.conv2d(rounded['input'].bfloat16(), rounded['weight'].bfloat16(), rounded['bias'].bfloat16(), padding=1,
+                     groups=groups)
+    dense_exact = F.conv2d(rounded['input'], rounded['weight'], rounded['bias'], padding=1, groups=groups)
+    assert rel(out, expected) < 3 * rel(dense, dense_exact)
+
+
+def test_float16_under_cpu_autocast_runs_in_float32():
+    """CPU autocast in float16 (no native float16 kernels): the op computes in float32, as autocast's float32
+    ops do, and returns float32."""
+    args = make_inputs(n=1, c=4, h=6, w=6, dtype=torch.float32)
+    with torch.autocast('cpu', dtype=torch.float16):
+        out = native(**args)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, native(**args))
+
+
+def test_bf16_input_with_float32_weight_is_refused():
+    args = make_inputs(n=1, c=4, h=6, w=6, dtype=torch.float32)
+    with pytest.raises(TypeError, match='weight is torch.float32 but input is torch.bfloat16'):
+        native(**dict(args, input=args['input'].bfloat16(), offset=args['offset'].bfloat16(),
+                      mask=args['mask'].bfloat16(), bias=args['bias'].bfloat16()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -329,3 +403,17 @@ def test_loading_a_checkpoint_logs_nothing_per_layer(monkeypatch):
                                     mmcv_dconv.DeformConv2dPack(4, 4, 3, padding=1))
     reference.load_state_dict(state)
     assert len(logged) == 2, 'mmcv itself no longer logs: this override can go'
+
+
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'channels_last'])
+def test_output_can_be_modified_in_place(kernel, channels_last):
+    """The op's output is a tensor of its own, not a view (RepPoints applies relu_ to it)."""
+    args = make_inputs(n=2, c=4, h=6, w=5, dtype=torch.float32)
+    if channels_last:
+        args['input'] = args['input'].contiguous(memory_format=torch.channels_last)
+    x = args['input'].requires_grad_()
+    out = F.relu(native(**args), inplace=True)
+    out.sum().backward()
+    expected = F.relu(native(**dict(args, input=x.detach())))
+    torch.testing.assert_close(out, expected)
+    assert x.grad is not None and x.grad.abs().sum() > 0
