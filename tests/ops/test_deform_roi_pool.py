@@ -122,6 +122,19 @@ def test_module_under_autocast():
     torch.testing.assert_close(out, expected, rtol=0.05, atol=0.05)
 
 
+def test_bf16_features_under_autocast_pool_in_float32():
+    """A bfloat16 backbone's features under CPU bfloat16 autocast: pooled in float32, as exactly as their
+    float32 copy (what a detector trained with --amp feeds the op)."""
+    input, rois, offset = random_case(13, c=8, dtype=torch.float32)
+    low = input.bfloat16()
+    expected = deform_roi_pool(low.float(), rois, offset, (3, 2), 0.25)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = deform_roi_pool(low, rois, offset.bfloat16(), (3, 2), 0.25)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, deform_roi_pool(low.float(), rois, offset.bfloat16().float(), (3, 2), 0.25))
+    assert (out - expected).abs().max() < 0.05 * expected.abs().max()
+
+
 def test_fresh_modules_are_roi_align():
     input, rois, _ = random_case(7, c=4, dtype=torch.float32)
     rois = torchvision_safe(rois)
