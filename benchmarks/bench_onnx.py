@@ -131,6 +131,18 @@ def agreement(args) -> dict:
     return result
 
 
+def kernels(compiled) -> dict:
+    """``{layer type: {kernel, ...}}`` for the compute-heavy layers of an OpenVINO compiled model: which
+    instructions ran them (e.g. ``brgconv_avx512_bf16``: AVX512_BF16; ``..._amx_...``: AMX)."""
+    found = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        layer = info['layerType'].astype(str) if 'layerType' in info else ''
+        if layer in ('Convolution', 'DeformableConvolution', 'ROIAlign', 'FullyConnected'):
+            found.setdefault(layer, set()).add(info['primitiveType'].astype(str))
+    return {layer: sorted(kinds) for layer, kinds in found.items()}
+
+
 def latency(args) -> dict:
     import numpy as np
     import torch
@@ -182,6 +194,7 @@ def latency(args) -> dict:
                         refused[f'openvino_{precision}'] = str(e)
                         continue
                     runs[f'openvino_{precision}'] = functools.partial(ov.infer, feed)
+                    row.setdefault('openvino_kernels', {})[precision] = kernels(ov.compiled)
                 times = {runtime: [] for runtime in runs}
                 for _ in range(args.repeats + 1):  # the first round warms up
                     for runtime, fn in runs.items():
@@ -219,6 +232,9 @@ def latency(args) -> dict:
                 (f" (×{cell[f'speedup_{r}']:.2f})" if r != 'pytorch' else '') for r in runtimes) + ' |')
     for runtime, why in refused.items():
         print(f'{names[runtime]} not timed: {why}')
+    for name, row in results.items():
+        for precision, found in row.get('openvino_kernels', {}).items():
+            print(f'OpenVINO {precision} kernels, {name}: ' + '; '.join(f'{k} {"/".join(v)}' for k, v in found.items()))
     return result
 
 

@@ -46,6 +46,20 @@ def test_openvino_gives_pytorchs_detections_in_f32(exported):
         assert_same_detections(got, want, score_tol=1e-4, box_tol=2e-2)
 
 
+@pytest.mark.slow  # an export
+def test_dcnv1_without_mask_and_per_level_predictors_gives_pytorchs_detections(tmp_path):
+    cfg = tiny_config('faster_rcnn_dcnv1.py', **NO_CUTOFF)  # DeformConv2d (no mask) in R50 bottlenecks, dpool
+    cfg.model.roi_head.bbox_roi_extractor.share_offset_predictor = False
+    model = tiny_model(cfg)
+    path = str(tmp_path / 'dcnv1.xml')
+    result = export_openvino(model, InputSpec.from_config(cfg), path, classes=config_classes(cfg))
+    assert result.same_detections and 'DeformableConvolution' in result.op_types
+    image = [make_image(90, 60, seed=2)]
+    got, want = OpenVinoDetector(path, threads=1)(image)[0], TorchDetector(model, cfg)(image)[0]
+    assert len(got.scores) > 10
+    assert_same_detections(got, want, score_tol=1e-4, box_tol=2e-2)
+
+
 @pytest.mark.slow  # the export `exported` builds
 def test_the_ir_carries_the_onnx_files_metadata_and_f32_weights(exported):
     cfg, model, path, result = exported
