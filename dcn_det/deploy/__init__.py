@@ -5,12 +5,20 @@ Layering: this package uses ``dcn_det.ops``/``dcn_det.models``, mmdet, torch/tor
 onnxscript, onnxruntime, openvino; nothing below it imports it. The tools ``export_onnx.py``, ``export_openvino.py``,
 ``infer.py`` and ``test.py --onnx/--openvino`` are thin command lines over it.
 """
-from .backends import DeployedDetector, ModelMismatchError, OnnxDetector, TorchDetector, onnx_eval_model, open_deployed
+from .backends import (
+                       DeployedDetector,
+                       ModelMismatchError,
+                       OnnxDetector,
+                       OpenVinoDetector,
+                       TorchDetector,
+                       onnx_eval_model,
+                       open_deployed,
+)
 from .detections import Detections, count_unmatched
 from .detector import DeployableDetector, NotExportableError, check_exportable, export_kernels
 from .export import MIN_OPSET, ExportResult, check_standard, export_onnx, read_metadata
 from .metadata import INPUT_NAMES, META, OUTPUT_NAMES, config_classes, model_sha256
-from .openvino_ir import OpenVinoDetector, export_openvino
+from .openvino_ir import export_openvino
 from .preprocess import (
                        ConfigNotDeployableError,
                        ImageReadError,

@@ -5,8 +5,7 @@ Every backend takes images as cv2 gives them (``ndarray[H, W, 3]``, BGR, uint8) 
 
 - :class:`DeployedDetector`: an exported file in a runtime; everything it needs to prepare images is
   in the file's metadata. :meth:`DeployedDetector.check_matches` refuses a config it does not belong to.
-  :class:`OnnxDetector` runs an ONNX file in onnxruntime, :class:`~dcn_det.deploy.openvino_ir.OpenVinoDetector`
-  an OpenVINO IR.
+  :class:`OnnxDetector` runs an ONNX file in onnxruntime, :class:`OpenVinoDetector` an OpenVINO IR.
 - :class:`TorchDetector`: the mmdet model itself (``model.test_step`` through the config's test
   pipeline), the reference the exported file is compared with.
 
@@ -20,12 +19,14 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .detections import Detections
-from .metadata import META, config_classes, file_sha256, model_sha256
+from .metadata import INPUT_NAMES, META, OUTPUT_NAMES, config_classes, file_sha256, model_sha256
 from .preprocess import InputSpec, make_batch, prepare
 
+PRECISIONS = {'f32': 'f32', 'bf16': 'bf16'}  # OpenVinoDetector's precision -> OpenVINO's INFERENCE_PRECISION_HINT
+_RUNTIME_TYPE_NAMES = {'f32': 'float32', 'bf16': 'bfloat16'}  # how a compiled model reports each
 
 class ModelMismatchError(ValueError):
-    """An ONNX file used with a config (or checkpoint) it was not exported from."""
+    """An exported file used with a config (or checkpoint) it was not exported from."""
 
 
 class DeployedDetector:
@@ -150,13 +151,67 @@ class OnnxDetector(DeployedDetector):
         return self.session.run(None, feed)
 
 
+class OpenVinoDetector(DeployedDetector):
+    """An IR written by :func:`~dcn_det.deploy.export_openvino`, in OpenVINO's CPU plugin, in f32 or bf16
+    (``INFERENCE_PRECISION_HINT``: the CPU plugin's own default is bf16 on CPUs with AVX512_BF16 or AMX, so
+    the precision is always set, and one the CPU cannot give is refused rather than run in another).
+
+    Args:
+        path: the ``.xml`` file; its ``.bin`` must lie beside it.
+        threads: OpenVINO's inference threads (``INFERENCE_NUM_THREADS``; default: its own choice).
+        precision: ``'f32'`` or ``'bf16'`` (:data:`PRECISIONS`), set as ``INFERENCE_PRECISION_HINT``.
+
+    Raises:
+        FileNotFoundError: the ``.xml`` or its ``.bin`` is missing.
+        ValueError: a precision other than f32/bf16, or one this CPU does not run (named, with the fix).
+        ModelMismatchError: the IR lacks dcn_det's metadata.
+    """
+    kind = 'OpenVINO IR'
+    exporter = 'tools/export_openvino.py'
+    can_be_dynamic = False
+
+    def __init__(self, path: str, threads: Optional[int] = None, precision: str = 'f32') -> None:
+        import openvino as ov
+
+        if not osp.isfile(path):
+            raise FileNotFoundError(f'OpenVINO model {path!r} does not exist')
+        weights = osp.splitext(path)[0] + '.bin'
+        if not osp.isfile(weights):
+            raise FileNotFoundError(f'{weights!r} is missing: an OpenVINO IR is {path} plus its weights {weights} '
+                                    f'beside it, as {self.exporter} writes them; copy both, or export again')
+        if precision not in PRECISIONS:
+            raise ValueError(f'precision {precision!r} for {path}: use --precision f32 (exact) or bf16 (faster on CPUs '
+                             'with AVX512_BF16 or AMX)')
+        core = ov.Core()
+        if precision == 'bf16' and 'BF16' not in core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES'):
+            raise ValueError(f'precision bf16 for {path}: this CPU ({core.get_property("CPU", "FULL_DEVICE_NAME")}) '
+                             'has no bf16 in OpenVINO (it needs AVX512_BF16 or AMX): use --precision f32')
+        self.path, self.precision = path, precision
+        model = core.read_model(path)
+        self.metadata = {key: model.get_rt_info([key]).astype(str) for key in META.values()
+                         if model.has_rt_info([key])}
+        self._read_contract([d.get_length() if d.is_static else None for d in model.inputs[0].get_partial_shape()])
+        config = {'INFERENCE_PRECISION_HINT': PRECISIONS[precision], 'PERFORMANCE_HINT': 'LATENCY'}
+        if threads:
+            config['INFERENCE_NUM_THREADS'] = threads
+        self.compiled = core.compile_model(model, 'CPU', config)
+        running = str(self.compiled.get_property('INFERENCE_PRECISION_HINT'))
+        if _RUNTIME_TYPE_NAMES[precision] not in running:  # never run in another precision than asked
+            raise ValueError(f'precision {precision} for {path}: OpenVINO compiled it for {running} instead; use '
+                             '--precision f32')
+        self.request = self.compiled.create_infer_request()
+
+    def infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        results = self.request.infer({name: feed[name] for name in INPUT_NAMES})
+        # copies: the request's output tensors are overwritten by the next call
+        return [np.array(results[self.compiled.output(name)]) for name in OUTPUT_NAMES]
+
+
 def open_deployed(onnx: Optional[str] = None, openvino: Optional[str] = None, threads: Optional[int] = None,
                   precision: Optional[str] = None) -> DeployedDetector:
     """The ``onnx`` file in onnxruntime or else the ``openvino`` IR in OpenVINO (at ``precision``, default f32)."""
     if onnx:
         return OnnxDetector(onnx, threads=threads)
-    from .openvino_ir import OpenVinoDetector
-
     return OpenVinoDetector(openvino, threads=threads, precision=precision or 'f32')
 
 

@@ -1,4 +1,4 @@
-"""The detector as one OpenVINO IR (``.xml`` + ``.bin``), converted from PyTorch, and run in OpenVINO (CPU).
+"""The detector as one OpenVINO IR (``.xml`` + ``.bin``), converted from PyTorch.
 
 OpenVINO's ONNX reader has no rule for ONNX ``DeformConv``, so the IR is not made from the ONNX file:
 :func:`export_openvino` hands the same wrapper the ONNX export traces
@@ -10,10 +10,7 @@ alignment: mmcv's rule, as in the ONNX file) and ``nms`` into ``NonMaxSuppressio
 no extension library. The IR carries the ONNX file's metadata (:data:`~dcn_det.deploy.metadata.META`) in
 its ``rt_info``, has a fixed input shape, and keeps its weights in f32.
 
-:class:`OpenVinoDetector` runs it with the onnxruntime detector's interface
-(:class:`~dcn_det.deploy.backends.DeployedDetector`), in f32 or bf16 (``INFERENCE_PRECISION_HINT``; the
-CPU plugin's own default is bf16 on CPUs with AVX512_BF16 or AMX, so the precision is always set, and a
-CPU that cannot give the one asked for is refused rather than run in another).
+:class:`~dcn_det.deploy.backends.OpenVinoDetector` runs it with the onnxruntime detector's interface.
 """
 import os
 import os.path as osp
@@ -21,18 +18,14 @@ import shutil
 import tempfile
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-from .backends import DeployedDetector
+from .backends import OpenVinoDetector
 from .detector import export_kernels, name_failing_layer
 from .export import ExportResult, _quiet_exporter, compare_outputs, file_metadata, prepare_export
-from .metadata import INPUT_NAMES, META, OUTPUT_NAMES
+from .metadata import INPUT_NAMES, OUTPUT_NAMES
 from .preprocess import InputSpec
-
-PRECISIONS = {'f32': 'f32', 'bf16': 'bf16'}  # our name -> OpenVINO's INFERENCE_PRECISION_HINT
-_RUNTIME_TYPE_NAMES = {'f32': 'float32', 'bf16': 'bfloat16'}  # how a compiled model reports each
 
 
 def export_openvino(detector: nn.Module, spec: InputSpec, out: str, *, classes: Sequence[str], config_text: str = '',
@@ -72,60 +65,6 @@ def export_openvino(detector: nn.Module, spec: InputSpec, out: str, *, classes: 
                                                                                         strict=True)})
         result.max_abs_diff, result.same_detections = compare_outputs(got, [t.numpy() for t in expected])
     return result
-
-
-class OpenVinoDetector(DeployedDetector):
-    """An IR written by :func:`export_openvino`, in OpenVINO's CPU plugin.
-
-    Args:
-        path: the ``.xml`` file; its ``.bin`` must lie beside it.
-        threads: OpenVINO's inference threads (``INFERENCE_NUM_THREADS``; default: its own choice).
-        precision: ``'f32'`` or ``'bf16'`` (:data:`PRECISIONS`), set as ``INFERENCE_PRECISION_HINT``.
-
-    Raises:
-        FileNotFoundError: the ``.xml`` or its ``.bin`` is missing.
-        ValueError: a precision other than f32/bf16, or one this CPU does not run (named, with the fix).
-        ModelMismatchError: the IR lacks dcn_det's metadata.
-    """
-    kind = 'OpenVINO IR'
-    exporter = 'tools/export_openvino.py'
-    can_be_dynamic = False
-
-    def __init__(self, path: str, threads: Optional[int] = None, precision: str = 'f32') -> None:
-        import openvino as ov
-
-        if not osp.isfile(path):
-            raise FileNotFoundError(f'OpenVINO model {path!r} does not exist')
-        weights = osp.splitext(path)[0] + '.bin'
-        if not osp.isfile(weights):
-            raise FileNotFoundError(f'{weights!r} is missing: an OpenVINO IR is {path} plus its weights {weights} '
-                                    f'beside it, as {self.exporter} writes them; copy both, or export again')
-        if precision not in PRECISIONS:
-            raise ValueError(f'precision {precision!r} for {path}: use --precision f32 (exact) or bf16 (faster on CPUs '
-                             'with AVX512_BF16 or AMX)')
-        core = ov.Core()
-        if precision == 'bf16' and 'BF16' not in core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES'):
-            raise ValueError(f'precision bf16 for {path}: this CPU ({core.get_property("CPU", "FULL_DEVICE_NAME")}) '
-                             'has no bf16 in OpenVINO (it needs AVX512_BF16 or AMX): use --precision f32')
-        self.path, self.precision = path, precision
-        model = core.read_model(path)
-        self.metadata = {key: model.get_rt_info([key]).astype(str) for key in META.values()
-                         if model.has_rt_info([key])}
-        self._read_contract([d.get_length() if d.is_static else None for d in model.inputs[0].get_partial_shape()])
-        config = {'INFERENCE_PRECISION_HINT': PRECISIONS[precision], 'PERFORMANCE_HINT': 'LATENCY'}
-        if threads:
-            config['INFERENCE_NUM_THREADS'] = threads
-        self.compiled = core.compile_model(model, 'CPU', config)
-        running = str(self.compiled.get_property('INFERENCE_PRECISION_HINT'))
-        if _RUNTIME_TYPE_NAMES[precision] not in running:  # never run in another precision than asked
-            raise ValueError(f'precision {precision} for {path}: OpenVINO compiled it for {running} instead; use '
-                             '--precision f32')
-        self.request = self.compiled.create_infer_request()
-
-    def infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        results = self.request.infer({name: feed[name] for name in INPUT_NAMES})
-        # copies: the request's output tensors are overwritten by the next call
-        return [np.array(results[self.compiled.output(name)]) for name in OUTPUT_NAMES]
 
 
 def check_ir_target(out: str) -> None:

@@ -136,3 +136,13 @@ def test_refusals_before_any_work(tmp_path):
     with pytest.raises(ValueError, match='the model has 3 classes but the config names 2'):
         export_openvino(model, spec, str(tmp_path / 'c.xml'), classes=('x', 'y'))
     assert sorted(p.name for p in tmp_path.iterdir()) == ['b.bin']
+
+
+def test_bf16_on_a_cpu_without_it_is_refused_not_run_in_f32(tmp_path, monkeypatch):
+    (tmp_path / 'm.xml').write_text('<net/>')
+    (tmp_path / 'm.bin').write_bytes(b'')
+    answers = {'OPTIMIZATION_CAPABILITIES': ['FP32', 'INT8'], 'FULL_DEVICE_NAME': 'Old CPU'}
+    monkeypatch.setattr(ov.Core, 'get_property', lambda self, device, name: answers[name])
+    with pytest.raises(ValueError, match=r"^precision bf16 for .*m.xml: this CPU \(Old CPU\) has no bf16 in OpenVINO "
+                                         r'\(it needs AVX512_BF16 or AMX\): use --precision f32$'):
+        OpenVinoDetector(str(tmp_path / 'm.xml'), precision='bf16')
