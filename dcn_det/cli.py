@@ -46,6 +46,22 @@ def add_kernel_switch(parser) -> None:
                              "with dcn_det.convert_mmcv_ops; same weights and checkpoint keys)")
 
 
+def add_deployed_switch(parser, verb: str) -> None:
+    """``--onnx MODEL.onnx`` / ``--openvino MODEL.xml`` (with ``--precision``): ``verb`` an exported model
+    instead of the checkpoint (``'evaluate'``, ``'run'``); checked by :func:`check_deployed_switch`."""
+    parser.add_argument('--onnx', metavar='MODEL.onnx', help=f'{verb} this exported model in onnxruntime instead')
+    parser.add_argument('--openvino', metavar='MODEL.xml', help=f'{verb} this exported OpenVINO IR in OpenVINO instead')
+    parser.add_argument('--precision', help='OpenVINO inference precision with --openvino: f32 (default) or bf16')
+
+
+def check_deployed_switch(args) -> None:
+    """Refuse (UsageError) both exported models at once, or ``--precision`` without ``--openvino``."""
+    if args.onnx and args.openvino:
+        raise UsageError('--onnx and --openvino: give one exported model')
+    if args.precision and not args.openvino:
+        raise UsageError(f"--precision {args.precision} sets OpenVINO's precision: use it with --openvino MODEL.xml")
+
+
 def choose_kernels(cfg: Config, keep_mmcv_ops: bool) -> None:
     """Build ``cfg``'s model converted to dcn_det's kernels (``type='ConvertMMCVOps'``) unless
     ``keep_mmcv_ops``, which also undoes a config's own ``ConvertMMCVOps``."""

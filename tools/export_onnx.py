@@ -68,6 +68,7 @@ def main(argv=None):
         NotExportableError,
         config_classes,
         export_onnx,
+        model_sha256,
     )
     from dcn_det.deploy.export import check_target
 
@@ -86,7 +87,8 @@ def main(argv=None):
         classes = config_classes(cfg)
         model = load_detector(cfg, args.checkpoint, trust=args.trust_checkpoint)
         result = export_onnx(model, spec, args.out, classes=classes, config_text=cfg.pretty_text,
-                             config_path=args.config, checkpoint=args.checkpoint, opset=args.opset,
+                             config_path=args.config, checkpoint=args.checkpoint, model_digest=model_sha256(cfg),
+                             opset=args.opset,
                              shape=args.shape, dynamic=args.dynamic, batch_size=args.batch_size,
                              verify=not args.no_verify)
     except (UsageError, CheckpointLoadError, ConfigNotDeployableError, NotExportableError, ValueError) as e:

@@ -1,9 +1,11 @@
-"""Detect objects in images with a trained detector: PyTorch by default, onnxruntime with ``--onnx``.
+"""Detect objects in images with a trained detector: PyTorch by default, onnxruntime with ``--onnx``, OpenVINO
+with ``--openvino``.
 
 Usage::
 
     python tools/infer.py configs/shapes_r18_dcnv2.py work_dirs/shapes_r18_dcnv2/epoch_12.pth data/shapes/val
     python tools/infer.py CONFIG CHECKPOINT a.jpg b.png photos/ --onnx dcnv2.onnx --out-dir out --score-thr 0.5
+    python tools/infer.py CONFIG CHECKPOINT photos/ --openvino dcnv2.xml [--precision bf16]
 
 INPUT is any mix of image files and folders (searched recursively for .jpg, .png, .bmp, .tif, .webp).
 Written to ``--out-dir`` (default ``work_dirs/<config name>/infer_<time>``; an existing non-empty folder
@@ -11,14 +13,14 @@ is refused):
 
 - a picture of each image with its detections drawn (boxes, class names, scores), under the image's
   own name (``_1``, ``_2``... appended when two inputs share a name);
-- ``detections.json``: ``{"runtime", "config", "checkpoint", "onnx", "score_thr", "classes",
+- ``detections.json``: ``{"runtime", "config", "checkpoint", "onnx", "openvino", "score_thr", "classes",
   "images": [{"file", "picture", "width", "height", "detections": [{"box": [x1, y1, x2, y2], "score",
   "label", "class"}]}], "skipped": [{"file", "error"}], "complete"}``; boxes in the image's pixels.
   It is rewritten every 50 images and when the run ends or is interrupted, so a long run always
   leaves what it has done.
 
 A missing or unreadable image (or one too large for a fixed-size ONNX model) is reported, listed
-under ``skipped``, and the run goes on. With ``--onnx`` the file's classes, input preparation and
+under ``skipped``, and the run goes on. With ``--onnx`` (or ``--openvino``) the file's classes, input preparation and
 source checkpoint must match CONFIG and CHECKPOINT (else it is refused, both sides named); the
 PyTorch model is then not built. mmcv's deformable layers (mmdet zoo configs) run on dcn_det's kernels
 (:func:`dcn_det.convert_mmcv_ops`); ``--keep-mmcv-ops`` keeps mmcv's.
@@ -32,17 +34,26 @@ import sys
 import time
 
 from dcn_det.checkpoint import CheckpointLoadError, atomic_write
-from dcn_det.cli import DictAction, UsageError, add_kernel_switch, choose_kernels, fail, load_config
+from dcn_det.cli import (
+    DictAction,
+    UsageError,
+    add_deployed_switch,
+    add_kernel_switch,
+    check_deployed_switch,
+    choose_kernels,
+    fail,
+    load_config,
+)
 
 SAVE_EVERY = 50
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Detect objects in images (PyTorch or onnxruntime)')
+    parser = argparse.ArgumentParser(description='Detect objects in images (PyTorch, onnxruntime or OpenVINO)')
     parser.add_argument('config', help='detector config file')
     parser.add_argument('checkpoint', help='checkpoint of that detector')
     parser.add_argument('inputs', nargs='+', metavar='INPUT', help='image files and/or folders of images')
-    parser.add_argument('--onnx', metavar='MODEL.onnx', help='run this exported model in onnxruntime instead')
+    add_deployed_switch(parser, 'run')
     parser.add_argument('--out-dir', help='where pictures and detections.json go (new or empty folder)')
     parser.add_argument('--score-thr', type=float, default=0.3, help='keep detections scoring at least this '
                         '(default %(default)s)')
@@ -57,10 +68,13 @@ def parse_args(argv=None):
 
 def make_detector(args, cfg):
     from dcn_det.checkpoint import load_detector
-    from dcn_det.deploy import OnnxDetector, TorchDetector
+    from dcn_det.deploy import TorchDetector, open_deployed
 
-    if args.onnx:
-        detector = OnnxDetector(args.onnx, threads=args.threads)
+    if args.onnx or args.openvino:
+        try:
+            detector = open_deployed(args.onnx, args.openvino, threads=args.threads, precision=args.precision)
+        except (FileNotFoundError, ValueError) as e:  # a missing .bin, a precision the CPU cannot run
+            raise UsageError(str(e)) from None
         detector.check_matches(cfg, args.config, args.checkpoint)
         return detector, detector.classes
     if args.threads:
@@ -81,8 +95,10 @@ def main(argv=None) -> dict:
     try:
         if not 0 <= args.score_thr <= 1:
             raise UsageError(f'--score-thr must lie in [0, 1], got {args.score_thr}')
-        if args.onnx and not osp.isfile(args.onnx):
-            raise UsageError(f'--onnx {args.onnx!r} does not exist')
+        check_deployed_switch(args)
+        for flag, path in (('--onnx', args.onnx), ('--openvino', args.openvino)):
+            if path and not osp.isfile(path):
+                raise UsageError(f'{flag} {path!r} does not exist')
         if not osp.isfile(args.checkpoint):
             raise UsageError(f'checkpoint {args.checkpoint!r} does not exist')
         cfg = load_config(args.config, args.cfg_options)
@@ -99,8 +115,9 @@ def main(argv=None) -> dict:
     except (UsageError, CheckpointLoadError, ConfigNotDeployableError, ModelMismatchError) as e:
         fail(str(e))
     os.makedirs(out_dir, exist_ok=True)
-    report = dict(runtime='onnxruntime' if args.onnx else 'pytorch', config=args.config, checkpoint=args.checkpoint,
-                  onnx=args.onnx, score_thr=args.score_thr, classes=list(classes), images=[], skipped=[],
+    runtime = 'onnxruntime' if args.onnx else f'openvino {args.precision or "f32"}' if args.openvino else 'pytorch'
+    report = dict(runtime=runtime, config=args.config, checkpoint=args.checkpoint, onnx=args.onnx,
+                  openvino=args.openvino, score_thr=args.score_thr, classes=list(classes), images=[], skipped=[],
                   complete=False)
     json_path = osp.join(out_dir, 'detections.json')
     used = set()

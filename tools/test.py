@@ -10,6 +10,8 @@ dumps raw predictions (.pkl).
 ``--onnx MODEL.onnx`` evaluates a file written by ``tools/export_onnx.py`` in onnxruntime instead, on the
 same dataloader, metrics, hooks and metrics file (which then names the ONNX file). It is refused, both
 sides named, unless its classes, input preparation and source checkpoint are CONFIG's and CHECKPOINT's.
+``--openvino MODEL.xml`` does the same for an IR written by ``tools/export_openvino.py``, in OpenVINO,
+at ``--precision f32`` (default) or ``bf16``.
 
 ``--amp`` tests in mixed precision (bfloat16 on a CPU with native bfloat16, as ``tools/train.py --amp``).
 
@@ -25,9 +27,11 @@ from dcn_det.cli import (
     DictAction,
     UsageError,
     add_amp_switch,
+    add_deployed_switch,
     add_kernel_switch,
     build_runner,
     check_data,
+    check_deployed_switch,
     choose_kernels,
     fail,
     load_config,
@@ -49,7 +53,7 @@ def parse_args(argv=None):
                         help='allow a checkpoint that pickles Python objects (can run code)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, key=value (mmengine syntax)')
-    parser.add_argument('--onnx', metavar='MODEL.onnx', help='evaluate this exported model in onnxruntime')
+    add_deployed_switch(parser, 'evaluate')
     add_amp_switch(parser, 'test')
     add_kernel_switch(parser)
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
@@ -72,10 +76,10 @@ def main(argv=None) -> dict:
         choose_kernels(cfg, args.keep_mmcv_ops)
         check_data(cfg, 'test')
         if args.amp:
-            if args.onnx:
-                raise UsageError('--amp is for the PyTorch model: drop it with --onnx')
+            if args.onnx or args.openvino:
+                raise UsageError('--amp is for the PyTorch model: drop it with --onnx or --openvino')
             set_amp(cfg, 'test')
-        onnx = onnx_model(args, cfg) if args.onnx else None
+        deployed = deployed_model(args, cfg) if args.onnx or args.openvino or args.precision else None
         cfg.launcher = args.launcher
         ckpt = load_checkpoint_file(args.checkpoint, trust=args.trust_checkpoint)
         state = ckpt.get('state_dict', ckpt)
@@ -91,8 +95,8 @@ def main(argv=None) -> dict:
         if args.amp:
             from dcn_det.models import keep_float32
             keep_float32(model)
-        if onnx is not None:
-            runner.model = onnx  # the test loop calls runner.model.test_step: now onnxruntime's
+        if deployed is not None:
+            runner.model = deployed  # the test loop calls runner.model.test_step: now onnxruntime's or OpenVINO's
     except (UsageError, CheckpointLoadError) as e:
         fail(str(e))
     if args.out is not None:
@@ -105,21 +109,23 @@ def main(argv=None) -> dict:
         out = osp.join(cfg.work_dir, 'test_metrics.json')
         with open(out, 'w') as f:
             json.dump({'config': args.config, 'checkpoint': args.checkpoint, 'onnx': args.onnx,
+                       'openvino': args.openvino, 'precision': args.openvino and (args.precision or 'f32'),
                        'metrics': {k: float(v) for k, v in metrics.items()}}, f, indent=2)
         print(f'metrics written to {out}')
     return metrics
 
 
-def onnx_model(args, cfg):
-    """The ONNX file as a model mmengine's test loop can run, once it is known to belong to cfg."""
-    from dcn_det.deploy import ModelMismatchError, OnnxDetector, onnx_eval_model
+def deployed_model(args, cfg):
+    """The ONNX file or OpenVINO IR as a model mmengine's test loop can run, once it is known to belong to cfg."""
+    from dcn_det.deploy import ModelMismatchError, onnx_eval_model, open_deployed
 
+    check_deployed_switch(args)
     if args.launcher != 'none':
-        raise UsageError('--onnx runs in one process: drop --launcher')
+        raise UsageError(f'{"--onnx" if args.onnx else "--openvino"} runs in one process: drop --launcher')
     try:
-        detector = OnnxDetector(args.onnx)
+        detector = open_deployed(args.onnx, args.openvino, precision=args.precision)
         detector.check_matches(cfg, args.config, args.checkpoint)
-    except (FileNotFoundError, ModelMismatchError) as e:
+    except (FileNotFoundError, ModelMismatchError, ValueError) as e:
         raise UsageError(str(e)) from None
     problem = detector.shape_problem()
     if problem:

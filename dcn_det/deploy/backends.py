@@ -1,15 +1,16 @@
-"""Run a detector on images, in onnxruntime or in PyTorch, with one output format.
+"""Run a detector on images, in onnxruntime, OpenVINO or PyTorch, with one output format.
 
-Both backends take images as cv2 gives them (``ndarray[H, W, 3]``, BGR, uint8) and return one
+Every backend takes images as cv2 gives them (``ndarray[H, W, 3]``, BGR, uint8) and returns one
 :class:`Detections` per image, in original-image pixels:
 
-- :class:`OnnxDetector`: an exported file in onnxruntime; everything it needs to prepare images is
-  in the file's metadata. :meth:`OnnxDetector.check_matches` refuses a config it does not belong to.
+- :class:`DeployedDetector`: an exported file in a runtime; everything it needs to prepare images is
+  in the file's metadata. :meth:`DeployedDetector.check_matches` refuses a config it does not belong to.
+  :class:`OnnxDetector` runs an ONNX file in onnxruntime, :class:`OpenVinoDetector` an OpenVINO IR.
 - :class:`TorchDetector`: the mmdet model itself (``model.test_step`` through the config's test
   pipeline), the reference the exported file is compared with.
 
 :func:`onnx_eval_model` lets mmengine's test loop (``tools/test.py --onnx``) evaluate an ONNX file
-with the config's own dataloader and metrics.
+(or ``--openvino``) with the config's own dataloader and metrics.
 """
 import json
 import os.path as osp
@@ -18,47 +19,46 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .detections import Detections
-from .metadata import META, config_classes, file_sha256
+from .metadata import INPUT_NAMES, META, OUTPUT_NAMES, config_classes, file_sha256, model_sha256
 from .preprocess import InputSpec, make_batch, prepare
 
+PRECISIONS = {'f32': 'f32', 'bf16': 'bf16'}  # OpenVinoDetector's precision -> OpenVINO's INFERENCE_PRECISION_HINT
+_RUNTIME_TYPE_NAMES = {'f32': 'float32', 'bf16': 'bfloat16'}  # how a compiled model reports each
 
 class ModelMismatchError(ValueError):
-    """An ONNX file used with a config (or checkpoint) it was not exported from."""
+    """An exported file used with a config (or checkpoint) it was not exported from."""
 
 
-class OnnxDetector:
-    """An exported detector in onnxruntime (CPU).
+class DeployedDetector:
+    """An exported detector in a runtime: what every backend shares (metadata, image preparation, batching,
+    checks against a config). A backend sets :attr:`metadata` and the input shape through
+    :meth:`_read_contract` and implements :meth:`infer`.
 
-    Args:
-        path: the ``.onnx`` file written by :func:`dcn_det.deploy.export_onnx`.
-        threads: onnxruntime's intra-op threads (default: its own choice, one per core).
-
-    Raises:
-        ModelMismatchError: the file lacks dcn_det's metadata (not exported by dcn_det).
+    Attributes:
+        classes, spec: the class names and the input contract, from the file's metadata.
+        batch_size, fixed_shape: the file's fixed batch size and (H, W), or None where dynamic.
     """
+    kind = 'exported model'  # how messages name the file
+    exporter = 'tools/export_onnx.py'  # the tool that writes it
+    can_be_dynamic = True  # the exporter offers --dynamic
+    path: str
+    metadata: dict
 
-    def __init__(self, path: str, threads: Optional[int] = None) -> None:
-        import onnxruntime as ort
-
-        if not osp.isfile(path):
-            raise FileNotFoundError(f'ONNX model {path!r} does not exist')
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # errors only: not the graph optimiser's notes
-        self.path = path
-        self.session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
-        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+    def _read_contract(self, shape: Sequence) -> None:
+        """Read classes and input contract from :attr:`metadata`, batch size and fixed size from ``shape``
+        ([N, 3, H, W]; a dynamic dimension anything but an int)."""
         missing = [key for key in (META['classes'], META['input']) if key not in self.metadata]
         if missing:
-            raise ModelMismatchError(f'{path!r} has no dcn_det metadata ({", ".join(missing)}): it was not written '
-                                     'by tools/export_onnx.py, so its classes and input are unknown')
+            raise ModelMismatchError(f'{self.path!r} has no dcn_det metadata ({", ".join(missing)}): it was not '
+                                     f'written by {self.exporter}, so its classes and input are unknown')
         self.classes = tuple(json.loads(self.metadata[META['classes']]))
         self.spec = InputSpec.from_json(self.metadata[META['input']])
-        shape = self.session.get_inputs()[0].shape  # [N, 3, H, W]; a dynamic dimension is a name
         self.batch_size = shape[0] if isinstance(shape[0], int) else None
         self.fixed_shape = tuple(shape[2:]) if all(isinstance(s, int) for s in shape[2:]) else None
+
+    def infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The graph's outputs (:data:`~dcn_det.deploy.metadata.OUTPUTS`) for its inputs ``feed``."""
+        raise NotImplementedError
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """Detect in ``images`` (each ``ndarray[H, W, 3]``, BGR)."""
@@ -77,13 +77,14 @@ class OnnxDetector:
                 chunk.append(chunk[0])
                 factors.append(factors[0])
             feed = make_batch(chunk, factors, self.spec, self.fixed_shape)
-            boxes, scores, labels, num = self.session.run(None, feed)
+            boxes, scores, labels, num = self.infer(feed)
             results += [Detections(boxes[i, :num[i]], scores[i, :num[i]], labels[i, :num[i]]) for i in range(real)]
         return results
 
     def check_matches(self, cfg, config_path: str, checkpoint: Optional[str] = None) -> None:
-        """Refuse (ModelMismatchError, both sides named) a config whose classes or input differ from the
-        file's, or a checkpoint other than the one exported (compared by SHA-256)."""
+        """Refuse (ModelMismatchError, both sides named) a config whose classes, input or model section
+        differ from the file's (the last by :func:`~dcn_det.deploy.metadata.model_sha256`, where the file
+        records it), or a checkpoint other than the one exported (compared by SHA-256)."""
         classes = config_classes(cfg)
         if tuple(classes) != self.classes:
             raise ModelMismatchError(f'{self.path} was exported for classes {_short(self.classes)} but {config_path} '
@@ -91,10 +92,16 @@ class OnnxDetector:
         spec = InputSpec.from_config(cfg)
         differences = self.spec.differences(spec)
         if differences:
-            told = '; '.join(f'{name} {mine} in the ONNX file, {theirs} in the config'
+            told = '; '.join(f'{name} {mine} in the {self.kind}, {theirs} in the config'
                              for name, mine, theirs in differences)
             raise ModelMismatchError(f'{self.path} expects another input than {config_path} prepares ({told}): '
                                      'export it from this config')
+        recorded = self.metadata.get(META['model_sha256'])
+        if recorded and recorded != model_sha256(cfg):
+            source = self.metadata.get(META['config_path']) or 'another config'
+            raise ModelMismatchError(f'{self.path} is stale: it was exported from {source} with another model section '
+                                     f'(sha256 {recorded[:12]}...) than {config_path} has now '
+                                     f'({model_sha256(cfg)[:12]}...): export it again with {self.exporter}')
         want = self.metadata.get(META['checkpoint_sha256'])
         if checkpoint and want:
             have = file_sha256(checkpoint)
@@ -109,7 +116,103 @@ class OnnxDetector:
         if self.fixed_shape is None or (self.fixed_shape[0] >= need[0] and self.fixed_shape[1] >= need[1]):
             return None
         return (f'{self.path} has a fixed input of {self.fixed_shape[0]}x{self.fixed_shape[1]} but the config resizes '
-                f'images to up to {need[0]}x{need[1]} (h x w): export with --dynamic or --shape {need[0]} {need[1]}')
+                f'images to up to {need[0]}x{need[1]} (h x w): export with '
+                f'{"--dynamic or " if self.can_be_dynamic else ""}--shape {need[0]} {need[1]}')
+
+
+class OnnxDetector(DeployedDetector):
+    """An exported detector in onnxruntime (CPU).
+
+    Args:
+        path: the ``.onnx`` file written by :func:`dcn_det.deploy.export_onnx`.
+        threads: onnxruntime's intra-op threads (default: its own choice, one per core).
+
+    Raises:
+        ModelMismatchError: the file lacks dcn_det's metadata (not exported by dcn_det).
+    """
+    kind = 'ONNX file'
+
+    def __init__(self, path: str, threads: Optional[int] = None) -> None:
+        import onnxruntime as ort
+
+        if not osp.isfile(path):
+            raise FileNotFoundError(f'ONNX model {path!r} does not exist')
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: not the graph optimiser's notes
+        self.path = path
+        self.session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self._read_contract(self.session.get_inputs()[0].shape)  # a dynamic dimension is a name
+
+    def infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, feed)
+
+
+class OpenVinoDetector(DeployedDetector):
+    """An IR written by :func:`~dcn_det.deploy.export_openvino`, in OpenVINO's CPU plugin, in f32 or bf16
+    (``INFERENCE_PRECISION_HINT``: the CPU plugin's own default is bf16 on CPUs with AVX512_BF16 or AMX, so
+    the precision is always set, and one the CPU cannot give is refused rather than run in another).
+
+    Args:
+        path: the ``.xml`` file; its ``.bin`` must lie beside it.
+        threads: OpenVINO's inference threads (``INFERENCE_NUM_THREADS``; default: its own choice).
+        precision: ``'f32'`` or ``'bf16'`` (:data:`PRECISIONS`), set as ``INFERENCE_PRECISION_HINT``.
+
+    Raises:
+        FileNotFoundError: the ``.xml`` or its ``.bin`` is missing.
+        ValueError: a precision other than f32/bf16, or one this CPU does not run (named, with the fix).
+        ModelMismatchError: the IR lacks dcn_det's metadata.
+    """
+    kind = 'OpenVINO IR'
+    exporter = 'tools/export_openvino.py'
+    can_be_dynamic = False
+
+    def __init__(self, path: str, threads: Optional[int] = None, precision: str = 'f32') -> None:
+        import openvino as ov
+
+        if not osp.isfile(path):
+            raise FileNotFoundError(f'OpenVINO model {path!r} does not exist')
+        weights = osp.splitext(path)[0] + '.bin'
+        if not osp.isfile(weights):
+            raise FileNotFoundError(f'{weights!r} is missing: an OpenVINO IR is {path} plus its weights {weights} '
+                                    f'beside it, as {self.exporter} writes them; copy both, or export again')
+        if precision not in PRECISIONS:
+            raise ValueError(f'precision {precision!r} for {path}: use --precision f32 (exact) or bf16 (faster on CPUs '
+                             'with AVX512_BF16 or AMX)')
+        core = ov.Core()
+        if precision == 'bf16' and 'BF16' not in core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES'):
+            raise ValueError(f'precision bf16 for {path}: this CPU ({core.get_property("CPU", "FULL_DEVICE_NAME")}) '
+                             'has no bf16 in OpenVINO (it needs AVX512_BF16 or AMX): use --precision f32')
+        self.path, self.precision = path, precision
+        model = core.read_model(path)
+        self.metadata = {key: model.get_rt_info([key]).astype(str) for key in META.values()
+                         if model.has_rt_info([key])}
+        self._read_contract([d.get_length() if d.is_static else None for d in model.inputs[0].get_partial_shape()])
+        config = {'INFERENCE_PRECISION_HINT': PRECISIONS[precision], 'PERFORMANCE_HINT': 'LATENCY'}
+        if threads:
+            config['INFERENCE_NUM_THREADS'] = threads
+        self.compiled = core.compile_model(model, 'CPU', config)
+        running = str(self.compiled.get_property('INFERENCE_PRECISION_HINT'))
+        if _RUNTIME_TYPE_NAMES[precision] not in running:  # never run in another precision than asked
+            raise ValueError(f'precision {precision} for {path}: OpenVINO compiled it for {running} instead; use '
+                             '--precision f32')
+        self.request = self.compiled.create_infer_request()
+
+    def infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        results = self.request.infer({name: feed[name] for name in INPUT_NAMES})
+        # copies: the request's output tensors are overwritten by the next call
+        return [np.array(results[self.compiled.output(name)]) for name in OUTPUT_NAMES]
+
+
+def open_deployed(onnx: Optional[str] = None, openvino: Optional[str] = None, threads: Optional[int] = None,
+                  precision: Optional[str] = None) -> DeployedDetector:
+    """The ``onnx`` file in onnxruntime or else the ``openvino`` IR in OpenVINO (at ``precision``, default f32)."""
+    if onnx:
+        return OnnxDetector(onnx, threads=threads)
+    return OpenVinoDetector(openvino, threads=threads, precision=precision or 'f32')
 
 
 class TorchDetector:
@@ -141,9 +244,10 @@ class TorchDetector:
         return results
 
 
-def onnx_eval_model(detector: OnnxDetector):
-    """An mmengine ``BaseModel`` whose ``test_step`` runs ``detector`` on a dataloader batch, so that
-    mmengine's test loop, hooks and metrics evaluate the ONNX file as they evaluate the PyTorch model."""
+def onnx_eval_model(detector: DeployedDetector):
+    """An mmengine ``BaseModel`` whose ``test_step`` runs ``detector`` (onnxruntime, OpenVINO) on a dataloader
+    batch, so that mmengine's test loop, hooks and metrics evaluate the exported file as they evaluate the
+    PyTorch model."""
     import torch
     from mmengine.model import BaseModel
     from mmengine.structures import InstanceData
@@ -154,7 +258,7 @@ def onnx_eval_model(detector: OnnxDetector):
             self.detector = detector
 
         def forward(self, *args, **kwargs):
-            raise NotImplementedError('an ONNX model only evaluates (test_step)')
+            raise NotImplementedError('an exported model only evaluates (test_step)')
 
         def test_step(self, data: dict) -> list:
             samples = data['data_samples']

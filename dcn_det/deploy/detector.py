@@ -138,7 +138,7 @@ class DeployableDetector(nn.Module):
         out = feats[0].new_zeros(rois.shape[0], extractor.out_channels, *extractor.roi_layers[0].output_size)
         for level in range(num_levels):
             inds = (levels == level).nonzero().squeeze(1)
-            torch._check(inds.shape[0] >= 2)  # the dummies: lets the exporter drop its empty-input cases
+            _check_size(inds.shape[0] >= 2)  # the dummies: lets the exporter drop its empty-input cases
             out[inds] = pool(level, feats[level], rois[inds]).to(out.dtype)
         return out[dummies:]
 
@@ -159,7 +159,7 @@ class DeployableDetector(nn.Module):
         boxes = boxes.expand(num_rois, num_classes, 4).reshape(-1, 4)
         scores = F.softmax(cls_score, dim=-1)[:, :num_classes].reshape(-1)
         labels = torch.arange(num_classes, device=scores.device).repeat(num_rois)
-        batch = batch.repeat_interleave(num_classes)
+        batch = batch.unsqueeze(1).expand(num_rois, num_classes).reshape(-1)  # OpenVINO: not repeat_interleave
         valid = (scores > cfg.score_thr).nonzero().squeeze(1)
         boxes, scores, labels, batch = boxes[valid], scores[valid], labels[valid], batch[valid]
         keep = batched_nms(boxes, scores, batch * num_classes + labels, float(cfg.nms.iou_threshold))
@@ -216,8 +216,15 @@ def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: fl
     offsets = groups.to(boxes) * (max_coordinate + 1)
     keep = torchvision.ops.nms(boxes + offsets.unsqueeze(1), scores, iou_threshold)
     # tells the exporter what nms's data-dependent size is bounded by (it assumes any int64 otherwise)
-    torch._check(keep.shape[0] <= boxes.shape[0])
+    _check_size(keep.shape[0] <= boxes.shape[0])
     return order[keep]
+
+
+def _check_size(condition) -> None:
+    """``torch._check`` on a size, for ``torch.export``; skipped under ``torch.jit.trace`` (the OpenVINO
+    converter's tracer), where sizes are tensors that ``torch._check`` refuses."""
+    if not torch.jit.is_tracing():
+        torch._check(condition)
 
 
 def top_per_image(keep: Tensor, batch: Tensor, num_images: int, k: int) -> tuple[Tensor, Tensor]:

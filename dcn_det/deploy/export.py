@@ -36,7 +36,7 @@ STANDARD_DOMAINS = ('', 'ai.onnx')
 @dataclass
 class ExportResult:
     path: str
-    opset: int
+    opset: Optional[int]  # None for an OpenVINO IR
     input_shape: list  # [N, 3, H, W], None where dynamic
     op_types: list  # sorted ONNX op types in the graph
     max_abs_diff: dict  # output name -> max |onnxruntime - PyTorch| on the example batch
@@ -44,7 +44,8 @@ class ExportResult:
 
 
 def export_onnx(detector: nn.Module, spec: InputSpec, out: str, *, classes: Sequence[str], config_text: str = '',
-                config_path: str = '', checkpoint: Optional[str] = None, opset: int = DEFAULT_OPSET,
+                config_path: str = '', checkpoint: Optional[str] = None, model_digest: str = '',
+                opset: int = DEFAULT_OPSET,
                 shape: Optional[Sequence[int]] = None, dynamic: bool = False, batch_size: int = 1,
                 verify: bool = True, optimize: bool = True) -> ExportResult:
     """Write ``detector`` (an mmdet two-stage detector, weights loaded) to ``out`` as ONNX.
@@ -52,6 +53,7 @@ def export_onnx(detector: nn.Module, spec: InputSpec, out: str, *, classes: Sequ
     Args:
         spec: the config's input contract (:meth:`InputSpec.from_config`).
         classes: the class names, stored in the metadata (their number must match the bbox head).
+        model_digest: :func:`~dcn_det.deploy.metadata.model_sha256` of the config, stored in the metadata.
         shape: (H, W) of a fixed input, multiples of ``spec.pad_size_divisor``; default
             ``spec.default_shape()`` (holds every image the config's resize produces). With ``dynamic``,
             only the size of the example traced.
@@ -68,6 +70,36 @@ def export_onnx(detector: nn.Module, spec: InputSpec, out: str, *, classes: Sequ
     import onnx
 
     check_target(out, opset)
+    wrapper, example = prepare_export(detector, spec, classes, shape, dynamic, batch_size)
+    with torch.no_grad(), export_kernels(detector):
+        with name_failing_layer(detector, 'run'):
+            expected = wrapper(*example)
+        with name_failing_layer(detector, 'export'), _quiet_exporter():
+            program = torch.onnx.export(
+                wrapper, example, dynamo=True, opset_version=opset, input_names=list(INPUT_NAMES),
+                output_names=list(OUTPUT_NAMES), dynamic_shapes=_dynamic_shapes(spec.pad_size_divisor) if dynamic
+                else None, report=False, verbose=False, optimize=optimize)
+    model = program.model_proto
+    check_standard(model)
+    input_shape = [None, 3, None, None] if dynamic else list(example[0].shape)
+    onnx.helper.set_model_props(model, file_metadata(spec, classes, input_shape, config_text, config_path,
+                                                     checkpoint, model_digest, _versions()))
+    model.doc_string = f'Faster R-CNN exported by dcn_det from {config_path or "a config"}'
+    onnx.checker.check_model(model, full_check=True)
+    _save_atomic(model, out)
+    result = ExportResult(out, opset, input_shape, sorted({node.op_type for node in model.graph.node}), {}, True)
+    if verify:
+        from .backends import OnnxDetector
+
+        got = OnnxDetector(out).session.run(None, {k: v.numpy() for k, v in zip(INPUT_NAMES, example, strict=True)})
+        result.max_abs_diff, result.same_detections = compare_outputs(got, [t.numpy() for t in expected])
+    return result
+
+
+def prepare_export(detector: nn.Module, spec: InputSpec, classes: Sequence[str], shape: Optional[Sequence[int]],
+                   dynamic: bool, batch_size: int) -> tuple[DeployableDetector, tuple[torch.Tensor, ...]]:
+    """The wrapper to export (``detector`` put in eval mode on the CPU) and the example batch to trace and
+    verify with, once ``classes`` and ``shape`` are checked (see :func:`export_onnx`'s arguments)."""
     num_classes = detector.roi_head.bbox_head.num_classes
     if len(classes) != num_classes:
         raise ValueError(f'the model has {num_classes} classes but the config names {len(classes)} '
@@ -88,45 +120,37 @@ def export_onnx(detector: nn.Module, spec: InputSpec, out: str, *, classes: Sequ
         stride = max(detector.rpn_head.prior_generator.strides)[0]
         h, w = max(h, spec.pad(2 * stride)), max(w, spec.pad(3 * stride))
         w += d if w == h else 0
-    example = example_inputs(n, h, w)
-    with torch.no_grad(), export_kernels(detector):
-        with name_failing_layer(detector, 'run'):
-            expected = wrapper(*example)
-        with name_failing_layer(detector, 'export'), _quiet_exporter():
-            program = torch.onnx.export(
-                wrapper, example, dynamo=True, opset_version=opset, input_names=list(INPUT_NAMES),
-                output_names=list(OUTPUT_NAMES), dynamic_shapes=_dynamic_shapes(d) if dynamic else None,
-                report=False, verbose=False, optimize=optimize)
-    model = program.model_proto
-    check_standard(model)
-    input_shape = [None, 3, None, None] if dynamic else [n, 3, h, w]
-    onnx.helper.set_model_props(model, {
+    return wrapper, example_inputs(n, h, w)
+
+
+def file_metadata(spec: InputSpec, classes: Sequence[str], input_shape: list, config_text: str, config_path: str,
+                  checkpoint: Optional[str], model_digest: str, versions: dict) -> dict[str, str]:
+    """The :data:`~dcn_det.deploy.metadata.META` entries an exported file carries, as strings."""
+    return {
         META['classes']: json.dumps(list(classes)),
         META['input']: spec.to_json(),
         META['input_shape']: json.dumps(input_shape),
         META['outputs']: OUTPUTS_DOC,
         META['config']: config_text,
         META['config_path']: config_path,
+        META['model_sha256']: model_digest,
         META['checkpoint']: checkpoint or '',
         META['checkpoint_sha256']: file_sha256(checkpoint) if checkpoint else '',
-        META['versions']: json.dumps(_versions()),
-    })
-    model.doc_string = f'Faster R-CNN exported by dcn_det from {config_path or "a config"}'
-    onnx.checker.check_model(model, full_check=True)
-    _save_atomic(model, out)
-    result = ExportResult(out, opset, input_shape, sorted({node.op_type for node in model.graph.node}), {}, True)
-    if verify:
-        from .backends import OnnxDetector
+        META['versions']: json.dumps(versions),
+    }
 
-        got = OnnxDetector(out).session.run(None, {k: v.numpy() for k, v in zip(INPUT_NAMES, example, strict=True)})
-        expected = [t.numpy() for t in expected]
-        for name, a, b in zip(OUTPUT_NAMES, got, expected, strict=True):
-            result.max_abs_diff[name] = float(np.abs(a - b).max()) if a.shape == b.shape and a.size else \
-                (0.0 if a.shape == b.shape else float('inf'))
-        result.same_detections = bool((got[3] == expected[3]).all()) and not any(
-            count_unmatched([x[i, :got[3][i]] for x in got[:3]], [x[i, :got[3][i]] for x in expected[:3]])
-            for i in range(len(got[3])))
-    return result
+
+def compare_outputs(got: Sequence[np.ndarray], expected: Sequence[np.ndarray]) -> tuple[dict, bool]:
+    """Max |got - expected| per output (:data:`OUTPUT_NAMES`), and whether both hold the same detections
+    (to 1e-4 in score, 1e-2 px; any order among ties)."""
+    diffs = {}
+    for name, a, b in zip(OUTPUT_NAMES, got, expected, strict=True):
+        diffs[name] = float(np.abs(a - b).max()) if a.shape == b.shape and a.size else \
+            (0.0 if a.shape == b.shape else float('inf'))
+    same = bool((got[3] == expected[3]).all()) and not any(
+        count_unmatched([x[i, :got[3][i]] for x in got[:3]], [x[i, :got[3][i]] for x in expected[:3]])
+        for i in range(len(got[3])))
+    return diffs, same
 
 
 def check_target(out: str, opset: int) -> None:

@@ -38,6 +38,7 @@ META = dict(
     outputs='dcn_det.outputs',  # OUTPUTS_DOC
     config='dcn_det.config',  # the full config the model was built from (mmengine pretty text)
     config_path='dcn_det.config_path',
+    model_sha256='dcn_det.model_sha256',  # model_sha256(cfg): the config's model section, which the graph bakes in
     checkpoint='dcn_det.checkpoint',
     checkpoint_sha256='dcn_det.checkpoint_sha256',
     versions='dcn_det.versions',  # JSON {package: version} of the exporting environment
@@ -55,6 +56,14 @@ def config_classes(cfg) -> tuple[str, ...]:
     if metainfo.get('classes'):
         return tuple(metainfo['classes'])
     return tuple(DATASETS.get(dataset.type).METAINFO['classes'])
+
+
+def model_sha256(cfg) -> str:
+    """SHA-256 of ``cfg.model`` (keys sorted): what an exported graph was built from, layers and test-time
+    thresholds alike, so that a file exported from another version of the config is recognised as stale."""
+    import json
+
+    return hashlib.sha256(json.dumps(cfg.model.to_dict(), sort_keys=True, default=repr).encode()).hexdigest()
 
 
 def file_sha256(path: str) -> str:
