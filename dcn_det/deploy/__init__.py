@@ -5,7 +5,7 @@ onnxscript, onnxruntime; nothing below it imports it. The tools ``export_onnx.py
 ``test.py --onnx`` are thin command lines over it.
 """
 from .backends import ModelMismatchError, OnnxDetector, TorchDetector, onnx_eval_model
-from .detections import Detections, count_unmatched
+from .detections import Detections, count_unmatched, paste_masks
 from .detector import DeployableDetector, NotExportableError, check_exportable, export_kernels
 from .export import MIN_OPSET, ExportResult, check_standard, export_onnx, read_metadata
 from .metadata import INPUT_NAMES, META, OUTPUT_NAMES, config_classes
@@ -24,4 +24,4 @@ __all__ = ['CUSTOM_TRANSLATIONS', 'INPUT_NAMES', 'META', 'MIN_OPSET', 'OUTPUT_NA
            'DeployableDetector', 'Detections', 'ExportResult', 'ImageReadError', 'InputSpec', 'ModelMismatchError',
            'NotExportableError', 'OnnxDetector', 'TorchDetector', 'check_exportable', 'check_standard',
            'config_classes', 'count_unmatched', 'export_kernels', 'export_onnx', 'find_images', 'make_batch',
-           'onnx_eval_model', 'prepare', 'read_image', 'read_metadata']
+           'onnx_eval_model', 'paste_masks', 'prepare', 'read_image', 'read_metadata']

@@ -1,4 +1,4 @@
-"""Export a dcn_det / mmdet Faster R-CNN to one ONNX file of standard operators, and what it records.
+"""Export a dcn_det / mmdet Faster or Mask R-CNN to one ONNX file of standard operators, and what it records.
 
 :func:`export_onnx` traces :class:`~dcn_det.deploy.detector.DeployableDetector` with
 ``torch.onnx.export(..., dynamo=True)`` while every deformable layer runs on torchvision's kernels
@@ -25,7 +25,7 @@ from dcn_det.checkpoint import atomic_write
 
 from .detections import count_unmatched
 from .detector import DeployableDetector, export_kernels, name_failing_layer
-from .metadata import INPUT_NAMES, META, OUTPUT_NAMES, OUTPUTS_DOC, file_sha256
+from .metadata import INPUT_NAMES, META, file_sha256, output_names, outputs_doc
 from .preprocess import InputSpec
 
 MIN_OPSET = 19  # ONNX DeformConv exists from opset 19
@@ -89,13 +89,14 @@ def export_onnx(detector: nn.Module, spec: InputSpec, out: str, *, classes: Sequ
         h, w = max(h, spec.pad(2 * stride)), max(w, spec.pad(3 * stride))
         w += d if w == h else 0
     example = example_inputs(n, h, w)
+    names = output_names(wrapper.with_mask)
     with torch.no_grad(), export_kernels(detector):
         with name_failing_layer(detector, 'run'):
             expected = wrapper(*example)
         with name_failing_layer(detector, 'export'), _quiet_exporter():
             program = torch.onnx.export(
                 wrapper, example, dynamo=True, opset_version=opset, input_names=list(INPUT_NAMES),
-                output_names=list(OUTPUT_NAMES), dynamic_shapes=_dynamic_shapes(d) if dynamic else None,
+                output_names=list(names), dynamic_shapes=_dynamic_shapes(d) if dynamic else None,
                 report=False, verbose=False, optimize=optimize)
     model = program.model_proto
     check_standard(model)
@@ -104,14 +105,17 @@ def export_onnx(detector: nn.Module, spec: InputSpec, out: str, *, classes: Sequ
         META['classes']: json.dumps(list(classes)),
         META['input']: spec.to_json(),
         META['input_shape']: json.dumps(input_shape),
-        META['outputs']: OUTPUTS_DOC,
+        META['outputs']: outputs_doc(wrapper.with_mask),
         META['config']: config_text,
         META['config_path']: config_path,
         META['checkpoint']: checkpoint or '',
         META['checkpoint_sha256']: file_sha256(checkpoint) if checkpoint else '',
         META['versions']: json.dumps(_versions()),
+        **({META['mask_thr_binary']: str(float(detector.roi_head.test_cfg.mask_thr_binary))} if wrapper.with_mask
+           else {}),
     })
-    model.doc_string = f'Faster R-CNN exported by dcn_det from {config_path or "a config"}'
+    kind = 'Mask R-CNN' if wrapper.with_mask else 'Faster R-CNN'
+    model.doc_string = f'{kind} exported by dcn_det from {config_path or "a config"}'
     onnx.checker.check_model(model, full_check=True)
     _save_atomic(model, out)
     result = ExportResult(out, opset, input_shape, sorted({node.op_type for node in model.graph.node}), {}, True)
@@ -120,7 +124,7 @@ def export_onnx(detector: nn.Module, spec: InputSpec, out: str, *, classes: Sequ
 
         got = OnnxDetector(out).session.run(None, {k: v.numpy() for k, v in zip(INPUT_NAMES, example, strict=True)})
         expected = [t.numpy() for t in expected]
-        for name, a, b in zip(OUTPUT_NAMES, got, expected, strict=True):
+        for name, a, b in zip(names, got, expected, strict=True):
             result.max_abs_diff[name] = float(np.abs(a - b).max()) if a.shape == b.shape and a.size else \
                 (0.0 if a.shape == b.shape else float('inf'))
         result.same_detections = bool((got[3] == expected[3]).all()) and not any(
