@@ -3,3 +3,5 @@
 _base_ = ['mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py', './dcn_resnet.py']
 model = dict(backbone={{_base_.dcn_backbone}})
 optim_wrapper = dict(paramwise_cfg={{_base_.dcn_paramwise_cfg}})
+# mmdet's CocoDataset, each instance whose mask is empty skipped and counted (dcn_det/engine/datasets.py)
+train_dataloader = dict(dataset=dict(type='CocoMaskDataset'))

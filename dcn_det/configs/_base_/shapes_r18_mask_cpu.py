@@ -26,6 +26,7 @@ train_pipeline = [
     dict(type='RandomFlip', prob=0.5),
     dict(type='PackDetInputs'),
 ]
-train_dataloader = dict(dataset=dict(pipeline=train_pipeline))
+# mmdet's CocoDataset, each instance whose mask is empty skipped and counted (dcn_det/engine/datasets.py)
+train_dataloader = dict(dataset=dict(type='CocoMaskDataset', pipeline=train_pipeline))
 val_evaluator = dict(metric=['bbox', 'segm'])
 test_evaluator = val_evaluator
