@@ -90,7 +90,11 @@ def test_flagship_config_is_the_paper_setting():
 ])
 def test_mask_and_cascade_configs_are_mmdets_1x_with_dcnv2(name, mmdet_base):
     cfg = Config.fromfile(osp.join(CONFIG_DIR, f'{name}.py'))
-    theirs = Config.fromfile(f'mmdet::{mmdet_base}')
+    import mmdet
+
+    theirs = Config.fromfile(osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', mmdet_base))
+    theirs = Config(_unscoped(theirs.to_dict()))
+    cfg = Config(_unscoped(cfg.to_dict()))  # mmengine marks what an mmdet:: base set with _scope_
     # mmdet's recipe, unchanged: schedule, optimizer, data, heads other than the box extractor
     for key in ('train_cfg', 'param_scheduler', 'val_evaluator'):
         assert cfg[key] == theirs[key], key
@@ -111,3 +115,11 @@ def test_mask_and_cascade_configs_are_mmdets_1x_with_dcnv2(name, mmdet_base):
         assert cfg.model.roi_head.mask_roi_extractor == theirs.model.roi_head.mask_roi_extractor
         assert cfg.model.roi_head.mask_roi_extractor.roi_layer.type == 'RoIAlign'
     assert not any('://' in str(v) for v in (bb.init_cfg.checkpoint, cfg.load_from))
+
+
+def _unscoped(node):
+    if isinstance(node, dict):
+        return {k: _unscoped(v) for k, v in node.items() if k != '_scope_'}
+    if isinstance(node, (list, tuple)):
+        return type(node)(_unscoped(v) for v in node)
+    return node
