@@ -15,6 +15,11 @@ mmcv's coordinate offset per group (``group * (max_coordinate + 1)``) with torch
 which exports to ``NonMaxSuppression``. A group is (image, class) here, so with one image per batch
 the boxes that meet in NMS are offset exactly as mmdet offsets them.
 
+A Mask R-CNN's mask head then runs on the detections' boxes in resized-image pixels, as mmdet's
+``predict_mask`` does. (mmdet's mask models run the class-aware NMS on those resized boxes and rescale after;
+here NMS sees the rescaled ones, as for Faster R-CNN: IoU is unchanged by a keep-ratio scale up to float
+rounding.)
+
 Where batching differs from mmdet's loop: proposals of all images are scored together and kept per
 image by rank (the same set), and the RoI head sees them in score order, not image order (its output
 per RoI does not depend on the order).
@@ -133,7 +138,7 @@ class DeployableDetector(nn.Module):
         so that no layer ever runs on an empty set of RoIs in the exported graph. ``extractor``: the box
         head's by default.
         """
-        extractor = extractor or self.detector.roi_head.bbox_roi_extractor
+        extractor = self.detector.roi_head.bbox_roi_extractor if extractor is None else extractor
         feats = feats[:extractor.num_inputs]
         num_levels = len(feats)
         dummies = 2 * num_levels
