@@ -21,8 +21,11 @@ from benchmarks.bench_models import REPO, inputs, train_step
 
 
 def build(config: str, shared: bool):
+    import logging
+
     from mmdet.registry import MODELS
     from mmengine.config import Config
+    from mmengine.logging import MMLogger
     from mmengine.registry import init_default_scope
 
     import dcn_det  # noqa: F401
@@ -32,6 +35,7 @@ def build(config: str, shared: bool):
     init_default_scope('mmdet')
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)
+    MMLogger.get_current_instance().setLevel(logging.WARNING)  # init_weights logs every parameter
     model.init_weights()
     extractors = model.roi_head.bbox_roi_extractor
     if shared:
