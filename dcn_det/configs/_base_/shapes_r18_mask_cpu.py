@@ -7,8 +7,7 @@ model = dict(
     type='MaskRCNN',
     data_preprocessor=dict(pad_mask=True),
     roi_head=dict(
-        # plain RoIAlign, as mmdet's DCN Mask R-CNNs: the mask head's 14x14 grid already samples finely, and
-        # the deformable pooling's offsets are learnt from the box loss (DCNv2 paper, Sec. 4)
+        # plain RoIAlign in the plain and DCN demos alike, as mmdet's DCN Mask R-CNNs (why: mask_rcnn_dcnv2.py)
         mask_roi_extractor=dict(
             type='SingleRoIExtractor', roi_layer=dict(type='RoIAlign', output_size=14, sampling_ratio=0),
             out_channels=64, featmap_strides=[4, 8, 16, 32]),
