@@ -5,7 +5,9 @@ Without it, a missing file or a corrupt annotation JSON surfaces as a ``FileNotF
 paths are resolved as mmengine's ``BaseDataset`` resolves them (relative ``ann_file`` and
 ``data_prefix`` entries under ``data_root``); an evaluator's ``ann_file`` is used as written, as
 mmdet's ``CocoMetric`` does. Remote paths (``s3://...``) are left to their file backend. Every
-annotation JSON is parsed once here, so a truncated download is caught before training, not after.
+annotation JSON is parsed once here, so a truncated download is caught before training, not after; where the
+config trains masks (a mask head, or ``LoadAnnotations(with_mask=True)``) or evaluates them (``segm``), a COCO
+file whose annotations hold no ``segmentation`` at all is refused too.
 """
 import json
 import os.path as osp
@@ -28,17 +30,21 @@ def check_dataset_files(cfg: Any, mode: str) -> None:
     ``ConcatDataset``, ...) are looked into.
     """
     loaders, evaluators = _sections(cfg, mode)
+    mask_model = (cfg.get('model') or {}).get('roi_head', {}).get('mask_head') is not None
     for loader in loaders:
         if cfg.get(loader) is not None:
             for where, dataset in leaf_datasets(cfg[loader].get('dataset'), f'{loader}.dataset'):
-                _check_dataset(where, dataset)
+                masks = loader == 'train_dataloader' and (mask_model or _loads_masks(dataset.get('pipeline')))
+                _check_dataset(where, dataset, masks)
     for name in evaluators:
         metrics = cfg.get(name)
         metrics = metrics if isinstance(metrics, (list, tuple)) else [metrics]
         for i, metric in enumerate(metrics):
             if isinstance(metric, dict) and metric.get('ann_file'):
                 key = name if len(metrics) == 1 else f'{name}.{i}'
-                _check_annotations(f'{key}.ann_file', metric['ann_file'], f'set {key}.ann_file')
+                kinds = metric.get('metric', 'bbox')
+                masks = 'segm' in (kinds if isinstance(kinds, (list, tuple)) else [kinds])
+                _check_annotations(f'{key}.ann_file', metric['ann_file'], f'set {key}.ann_file', masks)
 
 
 def _sections(cfg: Any, mode: str) -> Tuple[Sequence[str], Sequence[str]]:
@@ -55,11 +61,16 @@ def _resolve(data_root: str, path: str) -> str:
     return osp.join(data_root, path) if data_root and not osp.isabs(path) else path
 
 
-def _check_dataset(where: str, dataset: dict) -> None:
+def _loads_masks(pipeline) -> bool:
+    return any(isinstance(step, dict) and str(step.get('type', '')).endswith('LoadAnnotations')
+               and step.get('with_mask') for step in pipeline or [])
+
+
+def _check_dataset(where: str, dataset: dict, masks: bool = False) -> None:
     root = dataset.get('data_root') or ''
     fix = f'set data_root (--cfg-options {where}.data_root=DIR)'
     if dataset.get('ann_file'):
-        _check_annotations(f'{where}.ann_file', _resolve(root, dataset['ann_file']), f'{fix} or ann_file')
+        _check_annotations(f'{where}.ann_file', _resolve(root, dataset['ann_file']), f'{fix} or ann_file', masks)
     for key, prefix in (dataset.get('data_prefix') or {}).items():
         if isinstance(prefix, str) and (root or prefix):
             folder = _resolve(root, prefix)
@@ -68,7 +79,7 @@ def _check_dataset(where: str, dataset: dict) -> None:
                                        f'{fix} or data_prefix.{key}')
 
 
-def _check_annotations(where: str, path: str, fix: str) -> None:
+def _check_annotations(where: str, path: str, fix: str, masks: bool = False) -> None:
     if _remote(path):
         return
     if not osp.isfile(path):
@@ -77,13 +88,18 @@ def _check_annotations(where: str, path: str, fix: str) -> None:
     if path.endswith('.json'):
         try:
             with open(path, 'rb') as f:
-                json.load(f)
+                data = json.load(f)
         except OSError as e:
             raise DatasetFileError(f'{where}: cannot read annotation file {path!r} ({e.strerror}): '
                                    'make it readable') from None
         except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8/16/32 text
             raise DatasetFileError(f'{where}: annotation file {path!r} is not valid JSON ({e}): it is '
                                    'truncated or corrupt; regenerate or download it again') from None
+        annotations = data.get('annotations') if masks and isinstance(data, dict) else None
+        if annotations and not any(isinstance(a, dict) and 'segmentation' in a for a in annotations):
+            raise DatasetFileError(f"{where}: annotation file {path!r} has no 'segmentation' in any of its "
+                                   f'{len(annotations)} annotations, and the config trains or evaluates masks: '
+                                   'use a dataset with instance masks, or a box-only config')
 
 
 def _remote(path: str) -> bool:

@@ -11,7 +11,8 @@ GRID = torch.tensor(list(itertools.product((-1, 0, 1), repeat=2)), dtype=torch.f
 
 
 def shrink_detector(cfg, base_channels: int = 8, num_classes: int = 3, fc: int = 32):
-    """Shrink a shipped Faster R-CNN config for CPU tests, as mmdet's detector tests do.
+    """Shrink a shipped two-stage config (Faster / Mask / Cascade (Mask) R-CNN) for CPU tests, as mmdet's
+    detector tests do.
 
     Depth, DCN layout and every head type stay as shipped; widths shrink and nothing downloads.
     """
@@ -24,12 +25,18 @@ def shrink_detector(cfg, base_channels: int = 8, num_classes: int = 3, fc: int =
     width = 16
     model.neck.out_channels = width
     model.rpn_head.in_channels = model.rpn_head.feat_channels = width
-    ext = model.roi_head.bbox_roi_extractor
+    roi_head = model.roi_head
+    ext = roi_head.bbox_roi_extractor
     ext.out_channels = width
     if 'deform_fc_channels' in ext.roi_layer or ext.roi_layer.type in ('DeformRoIPool', 'ModulatedDeformRoIPool'):
         ext.roi_layer.deform_fc_channels = fc
-    head = model.roi_head.bbox_head
-    head.in_channels, head.fc_out_channels, head.num_classes = width, fc, num_classes
+    heads = roi_head.bbox_head if isinstance(roi_head.bbox_head, list) else [roi_head.bbox_head]  # a cascade's stages
+    for head in heads:
+        head.in_channels, head.fc_out_channels, head.num_classes = width, fc, num_classes
+    if roi_head.get('mask_head') is not None:
+        roi_head.mask_roi_extractor.out_channels = width
+        mask = roi_head.mask_head
+        mask.in_channels, mask.conv_out_channels, mask.num_classes = width, width, num_classes
     return cfg
 
 

@@ -40,12 +40,12 @@ def mmcv_kernels_forbidden():
 
 
 def zoo_config(name: str, image_size: tuple[int, int] = (96, 128)) -> Config:
-    """``mmdet::<name>`` (e.g. ``'dcnv2/faster-rcnn_r50_fpn_mdpool_1x_coco.py'``) with nothing to download,
-    every width divided by :data:`WIDTH_DIVISOR` (depth and layer types as shipped), no score threshold,
-    and test images resized to ``image_size`` (h, w)."""
+    """``mmdet::<name>`` (e.g. ``'dcnv2/faster-rcnn_r50_fpn_mdpool_1x_coco.py'``; an absolute path: that config)
+    with nothing to download, every width divided by :data:`WIDTH_DIVISOR` (depth and layer types as shipped), no
+    score threshold, and test images resized to ``image_size`` (h, w)."""
     import mmdet
 
-    cfg = Config.fromfile(osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', name))
+    cfg = Config.fromfile(osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', name))  # name if absolute
     _drop_pretrained(cfg.model)
     _shrink(cfg.model)
     cfg.model.backbone.base_channels = 64 // WIDTH_DIVISOR

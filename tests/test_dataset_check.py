@@ -105,3 +105,59 @@ def test_paths_resolve_as_mmengine_resolves_them(root, monkeypatch):
     check_dataset_files(_cfg(root, val_cfg=None, train_dataloader=dict(dataset=relative)), 'train')
     remote = dict(_dataset('s3://bucket/coco'))  # left to the file backend
     check_dataset_files(_cfg(root, val_cfg=None, train_dataloader=dict(dataset=remote)), 'train')
+
+
+def _write_coco(path, segmentations):
+    """A COCO file of one 20x20 image, one 10x10 box per entry of ``segmentations`` (None: no such key)."""
+    anns = [dict(id=i + 1, image_id=1, category_id=1, bbox=[2, 2, 10, 10], area=100, iscrowd=0,
+                 **({} if seg is None else {'segmentation': seg})) for i, seg in enumerate(segmentations)]
+    path.write_text(json.dumps({'images': [dict(id=1, file_name='a.png', width=20, height=20)],
+                                'annotations': anns, 'categories': [dict(id=1, name='thing')]}))
+
+
+@pytest.mark.parametrize('how', ['mask head', 'pipeline', 'segm metric'])
+def test_a_mask_config_on_a_dataset_without_segmentation_is_refused(root, how):
+    square = [[2, 2, 12, 2, 12, 12, 2, 12]]
+    _write_coco(root / 'annotations' / 'instances_train.json', [None, None])
+    _write_coco(root / 'annotations' / 'instances_val.json', [square])
+    changes = {'mask head': dict(model=dict(roi_head=dict(mask_head=dict(type='FCNMaskHead')))),
+               'pipeline': dict(train_dataloader=dict(dataset=_dataset(root, pipeline=[
+                   dict(type='LoadAnnotations', with_bbox=True, with_mask=True)])))}.get(how)
+    if how == 'segm metric':  # the evaluator reads the train file here: it has no masks
+        changes = dict(val_evaluator=dict(type='CocoMetric', metric=['bbox', 'segm'],
+                                          ann_file=str(root / 'annotations' / 'instances_train.json')))
+    with pytest.raises(DatasetFileError) as e:
+        check_dataset_files(_cfg(root, **changes), 'train')
+    message = str(e.value)
+    assert "instances_train.json' has no 'segmentation' in any of its 2 annotations" in message
+    assert '\n' not in message
+    check_dataset_files(_cfg(root), 'train')  # a box-only config trains on it
+
+
+def test_empty_masks_are_skipped_with_a_count(tmp_path):
+    from mmdet.datasets.transforms import LoadAnnotations
+    from mmengine.logging import MMLogger
+
+    import dcn_det  # noqa: F401  (registers CocoMaskDataset)
+    from dcn_det.engine import CocoMaskDataset
+
+    good = [[2, 2, 12, 2, 12, 12, 2, 12]]
+    empty = [[], [[2, 2, 7, 7, 12, 12]], [[2, 2, 12, 2]], {'counts': [400], 'size': [20, 20]}]  # no pixel each
+    rle = {'counts': [42, 10, 348], 'size': [20, 20]}
+    _write_coco(tmp_path / 'a.json', [good, *empty, rle, None])
+    logs = []
+    logger = MMLogger.get_current_instance()
+    handler = type('H', (__import__('logging').Handler,), {'emit': lambda self, r: logs.append(r.getMessage())})()
+    logger.addHandler(handler)
+    try:
+        dataset = CocoMaskDataset(ann_file=str(tmp_path / 'a.json'), data_prefix=dict(img=''),
+                                  metainfo=dict(classes=('thing',)), pipeline=[], filter_cfg=None)
+        dataset.full_init()
+    finally:
+        logger.removeHandler(handler)
+    assert dataset.skipped_empty_masks == 5  # the four empty ones and the one without segmentation
+    instances = dataset.get_data_info(0)['instances']
+    assert [i['mask'] for i in instances] == [good, rle]
+    assert any('skipped 5 instances with an empty mask' in line and 'a.json' in line for line in logs)
+    loaded = LoadAnnotations(with_bbox=True, with_mask=True)(dict(instances=instances, ori_shape=(20, 20)))
+    assert loaded['gt_masks'].areas.tolist() == [100, 10]

@@ -8,16 +8,18 @@ Usage::
 
 The whole detector goes into the file: backbone with its deformable convs (ONNX ``DeformConv``), FPN,
 RPN proposals with NMS, the RoI head with (modulated) deformable RoI pooling (``RoiAlign`` over
-offset bins, with the config's sampling ratio, adaptive included), box decoding and per-class NMS.
+offset bins, with the config's sampling ratio, adaptive included), box decoding and per-class NMS, and a Mask
+R-CNN's mask head on the detections (each one's RoI mask; pasting into the image stays outside the graph, as
+resizing does). Cascade heads are not exported.
 Only standard ONNX domains are used (checked); opset 19 or newer (``DeformConv`` is opset 19).
 mmdet zoo configs export too: their mmcv deformable layers are converted first (:func:`dcn_det.convert_mmcv_ops`;
 ``--keep-mmcv-ops`` keeps them, and the export then stops at the first one).
 
 The file's inputs and outputs (``images``, ``img_shapes``, ``scale_factors`` in; ``boxes``, ``scores``,
-``labels``, ``num_dets`` out) are stated in ``dcn_det/deploy/metadata.py``; its metadata (``dcn_det.*``
-keys) holds the class names, the input preparation and the config it came from. Normalisation happens
-inside the graph, resizing and padding outside it (``dcn_det.deploy.prepare`` / ``make_batch`` do both
-exactly as mmdet does).
+``labels``, ``num_dets`` out, and ``masks`` for a mask model) are stated in ``dcn_det/deploy/metadata.py``; its
+metadata (``dcn_det.*`` keys) holds the class names, the input preparation and the config it came from.
+Normalisation happens inside the graph, resizing and padding outside it (``dcn_det.deploy.prepare`` /
+``make_batch`` do both exactly as mmdet does).
 
 By default the input has a fixed shape: batch 1 (``--batch-size``) and the smallest padded size that
 holds every image the config's resize makes (square for a keep-ratio resize, e.g. 320x320 for the demo,

@@ -15,7 +15,9 @@ is refused):
   own name (``_1``, ``_2``... appended when two inputs share a name);
 - ``detections.json``: ``{"runtime", "config", "checkpoint", "onnx", "openvino", "score_thr", "classes",
   "images": [{"file", "picture", "width", "height", "detections": [{"box": [x1, y1, x2, y2], "score",
-  "label", "class"}]}], "skipped": [{"file", "error"}], "complete"}``; boxes in the image's pixels.
+  "label", "class"}]}], "skipped": [{"file", "error"}], "complete"}``; boxes in the image's pixels. A mask
+  model's detections also hold ``"mask": {"size": [h, w], "counts": "..."}``, COCO's compressed RLE as
+  mmdet's ``DetInferencer`` writes it (``pycocotools.mask.decode`` reads it), and its pictures show the masks.
   It is rewritten every 50 images and when the run ends or is interrupted, so a long run always
   leaves what it has done.
 
@@ -133,12 +135,14 @@ def main(argv=None) -> dict:
                 report['skipped'].append(dict(file=path, error=str(e)))
             else:
                 picture = _picture_path(out_dir, path, used)
-                cv2.imwrite(picture, draw_detections(image, det.boxes, det.scores, det.labels, classes))
-                report['images'].append(dict(
-                    file=path, picture=picture, height=image.shape[0], width=image.shape[1],
-                    detections=[dict(box=[round(float(v), 2) for v in box], score=round(float(score), 4),
-                                     label=int(label), **{'class': classes[label]})
-                                for box, score, label in zip(det.boxes, det.scores, det.labels, strict=True)]))
+                cv2.imwrite(picture, draw_detections(image, det.boxes, det.scores, det.labels, classes, det.masks))
+                detections = [dict(box=[round(float(v), 2) for v in box], score=round(float(score), 4),
+                                   label=int(label), **{'class': classes[label]})
+                              for box, score, label in zip(det.boxes, det.scores, det.labels, strict=True)]
+                for detection, mask in zip(detections, det.masks if det.masks is not None else [], strict=False):
+                    detection['mask'] = _rle(mask)
+                report['images'].append(dict(file=path, picture=picture, height=image.shape[0],
+                                             width=image.shape[1], detections=detections))
             if bar is not None:
                 bar.update()
             if (i + 1) % SAVE_EVERY == 0:
@@ -162,6 +166,15 @@ def _picture_path(out_dir: str, path: str, used: set) -> str:
         name = f'{stem}_{n}{ext}'
     used.add(name)
     return osp.join(out_dir, name)
+
+
+def _rle(mask) -> dict:
+    """COCO's compressed RLE of ``mask (bool[H, W])``, its counts as text (as mmdet's DetInferencer writes it)."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return {'size': [int(v) for v in rle['size']], 'counts': rle['counts'].decode()}
 
 
 def _write_json(report: dict, path: str) -> None:

@@ -1,9 +1,10 @@
-"""Evaluate a checkpoint: ``python tools/test.py CONFIG CHECKPOINT`` -> COCO bbox mAP (pycocotools).
+"""Evaluate a checkpoint: ``python tools/test.py CONFIG CHECKPOINT`` -> COCO bbox (and mask) mAP (pycocotools).
 
 mmdet's ``tools/test.py`` with dcn_det's checks. The checkpoint is loaded with
 ``torch.load(weights_only=True)`` (checkpoints written by dcn_det always are) and strictly: one that
 belongs to another model is refused with the keys that differ. ``--trust-checkpoint`` loads a foreign
-checkpoint that pickles Python objects (it can run code: only for files you trust). The AP table is
+checkpoint that pickles Python objects (it can run code: only for files you trust). The AP table (box AP, and
+mask AP for a mask config, whose evaluator asks for ``segm``) is
 printed and written to ``<work_dir>/test_metrics.json``; ``--show-dir`` paints detections; ``--out``
 dumps raw predictions (.pkl).
 
@@ -39,7 +40,7 @@ from dcn_det.cli import (
     set_local_rank,
 )
 
-AP_NAMES = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'bbox_mAP_s', 'bbox_mAP_m', 'bbox_mAP_l')
+AP_NAMES = tuple(f'{kind}_mAP{size}' for kind in ('bbox', 'segm') for size in ('', '_50', '_75', '_s', '_m', '_l'))
 
 
 def parse_args(argv=None):

@@ -35,8 +35,11 @@ Annotation rules:
   that finds no place in a few tries is left out). So every object in an image is annotated, with no
   unlabelled object that training would learn as background, and each is at least 30% visible.
   ``visibility`` (an extra annotation field) records the fraction.
-- ``segmentation`` is the outline polygon of the whole shape clipped to the image (amodal; a COCO
-  polygon cannot hold the ring's hole). The demo trains on boxes only.
+- ``segmentation`` is the mask of the *visible* pixels (modal, as ``bbox`` and ``area``), as COCO's
+  uncompressed RLE ``{'counts': [...], 'size': [h, w]}``: the ring's hole and the parts hidden by other
+  objects or strokes are not in it, so a mask head learns what it can see. (An outline polygon cannot
+  hold the hole, and an amodal one would ask the mask head for pixels another object covers.)
+  ``area`` is the mask's pixel count.
 
 This module imports numpy and PIL only, no torch, mmcv or mmdet (importing it through the package still
 runs dcn_det's mmcv check).
@@ -137,7 +140,7 @@ _SUPERSAMPLE = 4  # anti-aliased edges: a 16 px star is still a star
 _TRIES = 12  # placements tried per object before it is left out
 _NEAR = 0.4  # share of objects placed next to an earlier one, so that objects overlap
 _MIN_CONTRAST = 70.0  # RGB distance between an object's colour and 90% of what it covers of each owner
-_FORMAT_VERSION = '1.0'  # bump when the files written for the same arguments change
+_FORMAT_VERSION = '1.1'  # bump when the files written for the same arguments change
 _PREVIEW_COLOURS = [(255, 255, 0), (0, 255, 255), (255, 0, 255), (255, 128, 0), (0, 255, 0), (255, 255, 255)]
 
 
@@ -357,34 +360,30 @@ def _render_image(rng: np.random.Generator, spec: dict) -> tuple[np.ndarray, lis
             canvas.paint(sprite, _colour(rng), 0)
 
     annotations = []
-    for k, (label, _, _, outer) in enumerate(placed, start=1):
+    for k, (label, *_) in enumerate(placed, start=1):
         ys, xs = np.nonzero(canvas.owner == k)
         x, y = int(xs.min()), int(ys.min())
-        outline = np.round(_clip_to_square(outer, size), 2)
         annotations.append({
             'category_id': label + 1,
             'bbox': [x, y, int(xs.max()) - x + 1, int(ys.max()) - y + 1],
             'area': int(xs.size),
             'iscrowd': 0,
-            'segmentation': [outline.ravel().tolist()],
+            'segmentation': rle_encode(canvas.owner == k),
             'visibility': round(xs.size / canvas.full_pixels[k - 1], 3),
         })
     return np.clip(np.rint(canvas.image), 0, 255).astype(np.uint8), annotations
 
 
-def _clip_to_square(polygon: np.ndarray, size: int) -> np.ndarray:
-    """Sutherland-Hodgman clip of ``polygon (float[N, 2])`` to [0, size]^2 (a convex window)."""
-    for axis, bound, keep_below in ((0, 0.0, False), (0, size, True), (1, 0.0, False), (1, size, True)):
-        inside = (polygon[:, axis] <= bound) if keep_below else (polygon[:, axis] >= bound)
-        out = []
-        for i in range(len(polygon)):
-            p, q = polygon[i - 1], polygon[i]
-            if inside[i] != inside[i - 1]:
-                out.append(p + (q - p) * (bound - p[axis]) / (q[axis] - p[axis]))
-            if inside[i]:
-                out.append(q)
-        polygon = np.array(out).reshape(-1, 2)
-    return polygon
+def rle_encode(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE of ``mask (bool[H, W])``: run lengths over the column-major pixels,
+    starting with a run of zeros (pycocotools' ``frPyObjects`` reads it)."""
+    flat = np.asarray(mask, bool).ravel(order='F')
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], edges, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts = [0] + counts
+    return {'counts': counts, 'size': list(mask.shape)}
 
 
 def _check_args(classes: Sequence[str], num_train: int, num_val: int, image_size: int, min_size: int,

@@ -14,7 +14,7 @@ from .backends import (
                        onnx_eval_model,
                        open_deployed,
 )
-from .detections import Detections, count_unmatched
+from .detections import Detections, count_unmatched, paste_masks
 from .detector import DeployableDetector, NotExportableError, check_exportable, export_kernels
 from .export import MIN_OPSET, ExportResult, check_standard, export_onnx, read_metadata
 from .metadata import INPUT_NAMES, META, OUTPUT_NAMES, config_classes, model_sha256
@@ -35,4 +35,4 @@ __all__ = ['CUSTOM_TRANSLATIONS', 'INPUT_NAMES', 'META', 'MIN_OPSET', 'OUTPUT_NA
            'ModelMismatchError', 'NotExportableError', 'OnnxDetector', 'OpenVinoDetector', 'TorchDetector',
            'check_exportable', 'check_standard', 'config_classes', 'count_unmatched', 'export_kernels', 'export_onnx',
            'export_openvino', 'find_images', 'make_batch', 'model_sha256', 'onnx_eval_model', 'open_deployed',
-           'prepare', 'read_image', 'read_metadata']
+           'paste_masks', 'prepare', 'read_image', 'read_metadata']

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .detections import Detections
+from .detections import Detections, paste_masks
 from .metadata import INPUT_NAMES, META, OUTPUT_NAMES, config_classes, file_sha256, model_sha256
 from .preprocess import InputSpec, make_batch, prepare
 
@@ -55,6 +55,8 @@ class DeployedDetector:
         self.spec = InputSpec.from_json(self.metadata[META['input']])
         self.batch_size = shape[0] if isinstance(shape[0], int) else None
         self.fixed_shape = tuple(shape[2:]) if all(isinstance(s, int) for s in shape[2:]) else None
+        self.mask_thr = float(self.metadata.get(META['mask_thr_binary'], 0.5))
+        self.with_mask = META['mask_thr_binary'] in self.metadata  # a mask model's exporter writes it
 
     def infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The graph's outputs (:data:`~dcn_det.deploy.metadata.OUTPUTS`) for its inputs ``feed``."""
@@ -63,11 +65,16 @@ class DeployedDetector:
     def __call__(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """Detect in ``images`` (each ``ndarray[H, W, 3]``, BGR)."""
         prepared = [prepare(image, self.spec) for image in images]
-        return self.run([p.image for p in prepared], [p.scale_factor for p in prepared])
+        return self.run([p.image for p in prepared], [p.scale_factor for p in prepared],
+                        [image.shape[:2] for image in images])
 
-    def run(self, images: Sequence[np.ndarray], scale_factors: Sequence[Sequence[float]]) -> list[Detections]:
+    def run(self, images: Sequence[np.ndarray], scale_factors: Sequence[Sequence[float]],
+            ori_shapes: Optional[Sequence[Sequence[int]]] = None) -> list[Detections]:
         """Detect in already resized images (``ndarray[3, h, w]``, as the config's test pipeline makes
-        them) with their ``scale_factors`` ((w, h) from the original image); batched to fit the model."""
+        them) with their ``scale_factors`` ((w, h) from the original image); batched to fit the model. A mask
+        model's masks are pasted into images of ``ori_shapes`` ((h, w) each; needed then)."""
+        if self.with_mask and ori_shapes is None:
+            raise ValueError(f'{self.path} is a mask model: pass each image\'s original (h, w) as ori_shapes')
         step = self.batch_size or max(len(images), 1)
         results = []
         for start in range(0, len(images), step):
@@ -77,8 +84,13 @@ class DeployedDetector:
                 chunk.append(chunk[0])
                 factors.append(factors[0])
             feed = make_batch(chunk, factors, self.spec, self.fixed_shape)
-            boxes, scores, labels, num = self.infer(feed)
-            results += [Detections(boxes[i, :num[i]], scores[i, :num[i]], labels[i, :num[i]]) for i in range(real)]
+            boxes, scores, labels, num, *masks = self.infer(feed)
+            for i in range(real):
+                det = Detections(boxes[i, :num[i]], scores[i, :num[i]], labels[i, :num[i]])
+                if masks:
+                    h, w = ori_shapes[start + i][:2]
+                    det = det._replace(masks=paste_masks(masks[0][i, :num[i]], det.boxes, h, w, self.mask_thr))
+                results.append(det)
         return results
 
     def check_matches(self, cfg, config_path: str, checkpoint: Optional[str] = None) -> None:
@@ -240,7 +252,8 @@ class TorchDetector:
                 pred = self.model.test_step(dict(inputs=[data['inputs']], data_samples=[data['data_samples']]))[0]
             p = pred.pred_instances
             results.append(Detections(p.bboxes.numpy().astype(np.float32), p.scores.numpy().astype(np.float32),
-                                      p.labels.numpy().astype(np.int64)))
+                                      p.labels.numpy().astype(np.int64),
+                                      p.masks.numpy().astype(bool) if 'masks' in p else None))
         return results
 
 
@@ -263,11 +276,14 @@ def onnx_eval_model(detector: DeployedDetector):
         def test_step(self, data: dict) -> list:
             samples = data['data_samples']
             images = [t.numpy() for t in data['inputs']]
-            dets = self.detector.run(images, [s.metainfo['scale_factor'] for s in samples])
+            dets = self.detector.run(images, [s.metainfo['scale_factor'] for s in samples],
+                                     [s.metainfo['ori_shape'] for s in samples])
             for sample, det in zip(samples, dets, strict=True):
                 sample.pred_instances = InstanceData(bboxes=torch.from_numpy(det.boxes),
                                                      scores=torch.from_numpy(det.scores),
                                                      labels=torch.from_numpy(det.labels))
+                if det.masks is not None:
+                    sample.pred_instances.masks = torch.from_numpy(det.masks)
             return samples
 
         val_step = test_step

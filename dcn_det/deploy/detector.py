@@ -1,4 +1,4 @@
-"""A tensor-in, tensors-out Faster R-CNN around an mmdet two-stage detector, traceable for ONNX export.
+"""A tensor-in, tensors-out Faster / Mask R-CNN around an mmdet two-stage detector, traceable for ONNX export.
 
 mmdet's ``predict`` takes and returns ``DetDataSample`` objects and loops over images in Python;
 :class:`DeployableDetector` computes the same detections from three tensors, for a whole batch at
@@ -14,6 +14,11 @@ original pixels (before NMS, as mmdet does), ``score_thr``, class-aware NMS, ``m
 mmcv's coordinate offset per group (``group * (max_coordinate + 1)``) with torchvision's ``nms``,
 which exports to ``NonMaxSuppression``. A group is (image, class) here, so with one image per batch
 the boxes that meet in NMS are offset exactly as mmdet offsets them.
+
+A Mask R-CNN's mask head then runs on the detections' boxes in resized-image pixels, as mmdet's
+``predict_mask`` does. (mmdet's mask models run the class-aware NMS on those resized boxes and rescale after;
+here NMS sees the rescaled ones, as for Faster R-CNN: IoU is unchanged by a keep-ratio scale up to float
+rounding.)
 
 Where batching differs from mmdet's loop: proposals of all images are scored together and kept per
 image by rank (the same set), and the RoI head sees them in score order, not image order (its output
@@ -38,15 +43,17 @@ class NotExportableError(ValueError):
 
 
 class DeployableDetector(nn.Module):
-    """Faster R-CNN from pixels to detections in original-image pixels, for a batch.
+    """Faster R-CNN (and Mask R-CNN: with each detection's RoI mask) from pixels to detections in original-image
+    pixels, for a batch.
 
     Args:
         detector (nn.Module): an mmdet ``TwoStageDetector`` with an ``RPNHead`` and a ``StandardRoIHead``
-            (bbox only), e.g. any dcn_det config's model; checked by :func:`check_exportable`.
+            (boxes, or boxes and an ``FCNMaskHead``), e.g. a dcn_det Faster or Mask R-CNN config's model; checked
+            by :func:`check_exportable`.
         spec (InputSpec): the normalisation (and padding value) applied inside.
 
     Inputs and outputs: those of the exported file, stated once in :mod:`dcn_det.deploy.metadata`
-    (``INPUTS``, ``OUTPUTS``; K = ``test_cfg.rcnn.max_per_img``).
+    (``INPUTS``, ``OUTPUTS``, and ``MASK_OUTPUTS`` for a mask model; K = ``test_cfg.rcnn.max_per_img``).
     """
 
     def __init__(self, detector: nn.Module, spec: InputSpec) -> None:
@@ -60,6 +67,10 @@ class DeployableDetector(nn.Module):
     @property
     def max_per_img(self) -> int:
         return int(self.detector.roi_head.test_cfg.max_per_img)
+
+    @property
+    def with_mask(self) -> bool:
+        return bool(self.detector.roi_head.with_mask)
 
     def forward(self, images: Tensor, img_shapes: Tensor, scale_factors: Tensor) -> tuple[Tensor, ...]:
         x = self.normalise(images, img_shapes)
@@ -118,15 +129,16 @@ class DeployableDetector(nn.Module):
         keep, _ = top_per_image(keep, batch[keep], n, int(cfg.max_per_img))
         return torch.cat([batch[keep].unsqueeze(1).to(boxes.dtype), boxes[keep]], 1)
 
-    def extract_rois(self, feats: tuple[Tensor, ...], rois: Tensor) -> Tensor:
+    def extract_rois(self, feats: tuple[Tensor, ...], rois: Tensor, extractor: Optional[nn.Module] = None) -> Tensor:
         """mmdet's ``SingleRoIExtractor.forward`` without its data-dependent branch: each RoI goes to one
         level (``map_roi_levels``) and is pooled by that level (``DeformRoIExtractor.pool_level``, else
         the level's ``roi_layers`` entry). ``Tensor[R, C, ph, pw]``.
 
         As in mmdeploy's rewrite of it, every level also pools two zero-size dummy RoIs (dropped after),
-        so that no layer ever runs on an empty set of RoIs in the exported graph.
+        so that no layer ever runs on an empty set of RoIs in the exported graph. ``extractor``: the box
+        head's by default.
         """
-        extractor = self.detector.roi_head.bbox_roi_extractor
+        extractor = self.detector.roi_head.bbox_roi_extractor if extractor is None else extractor
         feats = feats[:extractor.num_inputs]
         num_levels = len(feats)
         dummies = 2 * num_levels
@@ -144,7 +156,7 @@ class DeployableDetector(nn.Module):
 
     def detect(self, feats: tuple[Tensor, ...], rois: Tensor, img_shapes: Tensor,
                scale_factors: Tensor) -> tuple[Tensor, ...]:
-        """The RoI head and class-aware NMS; returns the four outputs (see the class docstring)."""
+        """The RoI head and class-aware NMS; returns the four outputs (five with masks; see the class docstring)."""
         roi_head = self.detector.roi_head
         head, cfg = roi_head.bbox_head, roi_head.test_cfg
         x = self.extract_rois(feats, rois)
@@ -154,14 +166,15 @@ class DeployableDetector(nn.Module):
         num_rois, num_classes = rois.shape[0], head.num_classes
         batch = rois[:, 0].long()
         deltas = bbox_pred.view(num_rois, bbox_pred.shape[1] // 4, 4)  # [R, C or 1 (class-agnostic), 4]
-        boxes = decode_boxes(head.bbox_coder, rois[:, 1:].unsqueeze(1), deltas, img_shapes[batch].unsqueeze(1))
-        boxes = boxes * (1 / scale_factors[batch]).float().repeat(1, 2).unsqueeze(1)  # back to original pixels
+        resized = decode_boxes(head.bbox_coder, rois[:, 1:].unsqueeze(1), deltas, img_shapes[batch].unsqueeze(1))
+        boxes = resized * (1 / scale_factors[batch]).float().repeat(1, 2).unsqueeze(1)  # back to original pixels
         boxes = boxes.expand(num_rois, num_classes, 4).reshape(-1, 4)
+        resized = resized.expand(num_rois, num_classes, 4).reshape(-1, 4)
         scores = F.softmax(cls_score, dim=-1)[:, :num_classes].reshape(-1)
         labels = torch.arange(num_classes, device=scores.device).repeat(num_rois)
         batch = batch.unsqueeze(1).expand(num_rois, num_classes).reshape(-1)  # OpenVINO: not repeat_interleave
         valid = (scores > cfg.score_thr).nonzero().squeeze(1)
-        boxes, scores, labels, batch = boxes[valid], scores[valid], labels[valid], batch[valid]
+        boxes, scores, labels, batch, resized = boxes[valid], scores[valid], labels[valid], batch[valid], resized[valid]
         keep = batched_nms(boxes, scores, batch * num_classes + labels, float(cfg.nms.iou_threshold))
         n, k = scale_factors.shape[0], self.max_per_img
         keep, rank = top_per_image(keep, batch[keep], n, k)
@@ -173,7 +186,24 @@ class DeployableDetector(nn.Module):
         out_scores[slot] = scores[keep]
         out_labels[slot] = labels[keep]
         num_dets = (batch[keep].unsqueeze(1) == torch.arange(n, device=batch.device)).sum(0)
-        return out_boxes.view(n, k, 4), out_scores.view(n, k), out_labels.view(n, k), num_dets
+        outputs = (out_boxes.view(n, k, 4), out_scores.view(n, k), out_labels.view(n, k), num_dets)
+        if self.with_mask:
+            masks = self.masks(feats, batch[keep], resized[keep], labels[keep])
+            out_masks = masks.new_zeros(n * k, *masks.shape[1:])
+            out_masks[slot] = masks
+            outputs += (out_masks.view(n, k, *masks.shape[1:]),)
+        return outputs
+
+    def masks(self, feats: tuple[Tensor, ...], batch: Tensor, boxes: Tensor, labels: Tensor) -> Tensor:
+        """mmdet's ``StandardRoIHead.predict_mask`` up to the paste: the mask head on the detections' boxes
+        (``Tensor[D, 4]`` in resized-image pixels, as mmdet pools them), the sigmoid of each one's class channel:
+        ``Tensor[D, M, M]``. A dummy RoI goes first (dropped after), so the head never runs on none."""
+        roi_head = self.detector.roi_head
+        rois = torch.cat([batch.unsqueeze(1).to(boxes.dtype), boxes], 1)
+        rois = torch.cat([rois.new_zeros(1, 5), rois])
+        preds = roi_head.mask_head(self.extract_rois(feats, rois, roi_head.mask_roi_extractor))[1:]
+        channel = labels if preds.shape[1] > 1 else torch.zeros_like(labels)  # class_agnostic: one channel
+        return preds[torch.arange(preds.shape[0], device=preds.device), channel].sigmoid()
 
 
 def decode_boxes(coder: nn.Module, rois: Tensor, deltas: Tensor, max_shape: Tensor) -> Tensor:
@@ -245,6 +275,7 @@ def check_exportable(detector: nn.Module) -> None:
     from mmdet.models.dense_heads import RPNHead
     from mmdet.models.roi_heads import StandardRoIHead
     from mmdet.models.roi_heads.bbox_heads import BBoxHead
+    from mmdet.models.roi_heads.mask_heads import FCNMaskHead
     from mmdet.models.task_modules import AnchorGenerator, DeltaXYWHBBoxCoder
 
     def refuse(where: str, module: Optional[nn.Module], why: str) -> None:
@@ -254,16 +285,16 @@ def check_exportable(detector: nn.Module) -> None:
     for part in ('backbone', 'rpn_head', 'roi_head'):
         if getattr(detector, part, None) is None:
             refuse('the model', detector, f'it has no {part}; only two-stage detectors with an RPN '
-                   '(Faster R-CNN) are exported')
+                   '(Faster / Mask R-CNN) are exported')
     rpn, roi_head = detector.rpn_head, detector.roi_head
     if not isinstance(rpn, RPNHead):
         refuse('model.rpn_head', rpn, 'only mmdet RPNHead is exported')
     if type(rpn.prior_generator) is not AnchorGenerator:
         refuse('model.rpn_head.prior_generator', rpn.prior_generator, 'only AnchorGenerator is exported')
     if not isinstance(roi_head, StandardRoIHead):
-        refuse('model.roi_head', roi_head, 'only StandardRoIHead is exported')
-    if roi_head.with_mask:
-        refuse('model.roi_head.mask_head', roi_head.mask_head, 'masks are not exported (boxes only)')
+        refuse('model.roi_head', roi_head, 'only StandardRoIHead (Faster / Mask R-CNN) is exported, not a cascade')
+    if roi_head.with_mask and not isinstance(roi_head.mask_head, FCNMaskHead):
+        refuse('model.roi_head.mask_head', roi_head.mask_head, 'only FCNMaskHead (Mask R-CNN) is exported')
     head = roi_head.bbox_head
     if not isinstance(head, BBoxHead) or getattr(head, 'custom_cls_channels', False):
         refuse('model.roi_head.bbox_head', head, 'only BBoxHead with a softmax classifier is exported')

@@ -1,6 +1,6 @@
 """Detections drawn on an image (cv2), one colour per class."""
 import colorsys
-from typing import Sequence
+from typing import Optional, Sequence
 
 import cv2
 import numpy as np
@@ -13,12 +13,18 @@ def class_colour(label: int, num_classes: int) -> tuple[int, int, int]:
 
 
 def draw_detections(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
-                    classes: Sequence[str]) -> np.ndarray:
-    """A copy of ``image (ndarray[H, W, 3], BGR)`` with each box and ``'<class> <score>'`` drawn.
+                    classes: Sequence[str], masks: Optional[np.ndarray] = None) -> np.ndarray:
+    """A copy of ``image (ndarray[H, W, 3], BGR)`` with each box and ``'<class> <score>'`` drawn, and each mask
+    (``masks (bool[K, H, W])``, optional) tinted in its class colour with its outline.
 
     boxes (float32[K, 4]) (x1, y1, x2, y2) in the image's pixels; scores (float32[K]); labels (int64[K]).
     """
     out = image.copy()
+    for mask, label in zip(masks if masks is not None else [], labels, strict=False):
+        colour = np.array(class_colour(int(label), len(classes)), np.float32)
+        out[mask] = (0.5 * out[mask] + 0.5 * colour).astype(np.uint8)
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, tuple(int(c) for c in colour), 1, cv2.LINE_AA)
     thickness = max(1, round(max(image.shape[:2]) / 400))
     font_scale = max(0.4, max(image.shape[:2]) / 1200)
     for (x1, y1, x2, y2), score, label in sorted(zip(boxes, scores, labels, strict=True), key=lambda d: d[1]):

@@ -1,4 +1,4 @@
-"""Export a dcn_det / mmdet Faster R-CNN to one ONNX file of standard operators, and what it records.
+"""Export a dcn_det / mmdet Faster or Mask R-CNN to one ONNX file of standard operators, and what it records.
 
 :func:`export_onnx` traces :class:`~dcn_det.deploy.detector.DeployableDetector` with
 ``torch.onnx.export(..., dynamo=True)`` while every deformable layer runs on torchvision's kernels
@@ -25,7 +25,7 @@ from dcn_det.checkpoint import atomic_write
 
 from .detections import count_unmatched
 from .detector import DeployableDetector, export_kernels, name_failing_layer
-from .metadata import INPUT_NAMES, META, OUTPUT_NAMES, OUTPUTS_DOC, file_sha256
+from .metadata import INPUT_NAMES, META, OUTPUT_NAMES, file_sha256, output_names, outputs_doc
 from .preprocess import InputSpec
 
 MIN_OPSET = 19  # ONNX DeformConv exists from opset 19
@@ -71,20 +71,22 @@ def export_onnx(detector: nn.Module, spec: InputSpec, out: str, *, classes: Sequ
 
     check_target(out, opset)
     wrapper, example = prepare_export(detector, spec, classes, shape, dynamic, batch_size)
+    names = output_names(wrapper.with_mask)
     with torch.no_grad(), export_kernels(detector):
         with name_failing_layer(detector, 'run'):
             expected = wrapper(*example)
         with name_failing_layer(detector, 'export'), _quiet_exporter():
             program = torch.onnx.export(
                 wrapper, example, dynamo=True, opset_version=opset, input_names=list(INPUT_NAMES),
-                output_names=list(OUTPUT_NAMES), dynamic_shapes=_dynamic_shapes(spec.pad_size_divisor) if dynamic
+                output_names=list(names), dynamic_shapes=_dynamic_shapes(spec.pad_size_divisor) if dynamic
                 else None, report=False, verbose=False, optimize=optimize)
     model = program.model_proto
     check_standard(model)
     input_shape = [None, 3, None, None] if dynamic else list(example[0].shape)
     onnx.helper.set_model_props(model, file_metadata(spec, classes, input_shape, config_text, config_path,
-                                                     checkpoint, model_digest, _versions()))
-    model.doc_string = f'Faster R-CNN exported by dcn_det from {config_path or "a config"}'
+                                                     checkpoint, model_digest, _versions(), wrapper))
+    kind = 'Mask R-CNN' if wrapper.with_mask else 'Faster R-CNN'
+    model.doc_string = f'{kind} exported by dcn_det from {config_path or "a config"}'
     onnx.checker.check_model(model, full_check=True)
     _save_atomic(model, out)
     result = ExportResult(out, opset, input_shape, sorted({node.op_type for node in model.graph.node}), {}, True)
@@ -92,7 +94,7 @@ def export_onnx(detector: nn.Module, spec: InputSpec, out: str, *, classes: Sequ
         from .backends import OnnxDetector
 
         got = OnnxDetector(out).session.run(None, {k: v.numpy() for k, v in zip(INPUT_NAMES, example, strict=True)})
-        result.max_abs_diff, result.same_detections = compare_outputs(got, [t.numpy() for t in expected])
+        result.max_abs_diff, result.same_detections = compare_outputs(got, [t.numpy() for t in expected], names)
     return result
 
 
@@ -124,27 +126,32 @@ def prepare_export(detector: nn.Module, spec: InputSpec, classes: Sequence[str],
 
 
 def file_metadata(spec: InputSpec, classes: Sequence[str], input_shape: list, config_text: str, config_path: str,
-                  checkpoint: Optional[str], model_digest: str, versions: dict) -> dict[str, str]:
+                  checkpoint: Optional[str], model_digest: str, versions: dict,
+                  wrapper: DeployableDetector) -> dict[str, str]:
     """The :data:`~dcn_det.deploy.metadata.META` entries an exported file carries, as strings."""
+    mask = {META['mask_thr_binary']: str(float(wrapper.detector.roi_head.test_cfg.mask_thr_binary))} \
+        if wrapper.with_mask else {}
     return {
         META['classes']: json.dumps(list(classes)),
         META['input']: spec.to_json(),
         META['input_shape']: json.dumps(input_shape),
-        META['outputs']: OUTPUTS_DOC,
+        META['outputs']: outputs_doc(wrapper.with_mask),
         META['config']: config_text,
         META['config_path']: config_path,
         META['model_sha256']: model_digest,
         META['checkpoint']: checkpoint or '',
         META['checkpoint_sha256']: file_sha256(checkpoint) if checkpoint else '',
         META['versions']: json.dumps(versions),
+        **mask,
     }
 
 
-def compare_outputs(got: Sequence[np.ndarray], expected: Sequence[np.ndarray]) -> tuple[dict, bool]:
-    """Max |got - expected| per output (:data:`OUTPUT_NAMES`), and whether both hold the same detections
-    (to 1e-4 in score, 1e-2 px; any order among ties)."""
+def compare_outputs(got: Sequence[np.ndarray], expected: Sequence[np.ndarray],
+                    names: Sequence[str] = OUTPUT_NAMES) -> tuple[dict, bool]:
+    """Max |got - expected| per output (``names``), and whether both hold the same detections (to 1e-4 in
+    score, 1e-2 px; any order among ties)."""
     diffs = {}
-    for name, a, b in zip(OUTPUT_NAMES, got, expected, strict=True):
+    for name, a, b in zip(names, got, expected, strict=True):
         diffs[name] = float(np.abs(a - b).max()) if a.shape == b.shape and a.size else \
             (0.0 if a.shape == b.shape else float('inf'))
     same = bool((got[3] == expected[3]).all()) and not any(

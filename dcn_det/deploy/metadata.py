@@ -26,9 +26,24 @@ OUTPUTS = {
     'num_dets': 'int64[N]: the first num_dets[i] rows of image i are its detections by falling score, the rest '
                 'is padding (boxes 0, scores 0, labels -1)',
 }
+# and after them, for a mask model (Mask R-CNN) only
+MASK_OUTPUTS = {
+    'masks': "float32[N, K, M, M]: each detection's RoI mask, the foreground probability of its class over its box "
+             "(M = the mask head's output size, 28 in mmdet); dcn_det.deploy.paste_masks pastes it into the image "
+             'as mmdet does, thresholded at the metadata dcn_det.mask_thr_binary',
+}
 INPUT_NAMES = tuple(INPUTS)
 OUTPUT_NAMES = tuple(OUTPUTS)
 OUTPUTS_DOC = '; '.join(f'{name} {what}' for name, what in OUTPUTS.items())
+
+
+def output_names(with_mask: bool) -> tuple[str, ...]:
+    return OUTPUT_NAMES + (tuple(MASK_OUTPUTS) if with_mask else ())
+
+
+def outputs_doc(with_mask: bool) -> str:
+    return OUTPUTS_DOC + ''.join(f'; {name} {what}' for name, what in MASK_OUTPUTS.items() if with_mask)
+
 
 # metadata_props keys written into every exported file
 META = dict(
@@ -42,6 +57,7 @@ META = dict(
     checkpoint='dcn_det.checkpoint',
     checkpoint_sha256='dcn_det.checkpoint_sha256',
     versions='dcn_det.versions',  # JSON {package: version} of the exporting environment
+    mask_thr_binary='dcn_det.mask_thr_binary',  # a mask model's test_cfg.rcnn.mask_thr_binary
 )
 
 

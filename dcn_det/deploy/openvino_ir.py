@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .backends import OpenVinoDetector
-from .detector import export_kernels, name_failing_layer
+from .detector import NotExportableError, export_kernels, name_failing_layer
 from .export import ExportResult, _quiet_exporter, compare_outputs, file_metadata, prepare_export
 from .metadata import INPUT_NAMES, OUTPUT_NAMES
 from .preprocess import InputSpec
@@ -44,6 +44,9 @@ def export_openvino(detector: nn.Module, spec: InputSpec, out: str, *, classes: 
 
     check_ir_target(out)
     wrapper, example = prepare_export(detector, spec, classes, shape, False, batch_size)
+    if wrapper.with_mask:
+        raise NotExportableError('a Mask R-CNN is not exported to OpenVINO (its masks output is ONNX-only): export '
+                                 'it with tools/export_onnx.py, or export the box detector only')
     with torch.no_grad(), export_kernels(detector):
         with name_failing_layer(detector, 'run'):
             expected = wrapper(*example)
@@ -56,7 +59,7 @@ def export_openvino(detector: nn.Module, spec: InputSpec, out: str, *, classes: 
     op_types = check_standard_opsets(model)
     input_shape = list(example[0].shape)
     for key, value in file_metadata(spec, classes, input_shape, config_text, config_path, checkpoint, model_digest,
-                                    _versions()).items():
+                                    _versions(), wrapper).items():
         model.set_rt_info(value, [key])
     _save_atomic(model, out)
     result = ExportResult(out, None, input_shape, op_types, {}, True)

@@ -1,0 +1,78 @@
+"""tools/infer.py and tools/test.py (PyTorch and --onnx) on a Mask R-CNN config, on a tiny generated dataset."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from dcn_det.data.synthetic import generate
+from dcn_det.deploy import InputSpec, config_classes, export_onnx
+from tests._helpers import write_tiny_shapes_config
+from tests.deploy._models import CLASSES, tiny_model, write_checkpoint
+from tests.tools.test_infer import tool
+
+pytestmark = pytest.mark.slow  # a tiny Mask R-CNN exported to ONNX, then four tool runs
+
+# the mask head at the tiny config's 16-channel width
+TINY_MASK_HEAD = """
+model['roi_head'].update(mask_roi_extractor=dict(out_channels=16),
+                         mask_head=dict(in_channels=16, conv_out_channels=16, num_classes=len(classes)))
+model.update(test_cfg=dict(rcnn=dict(score_thr=0.0)))
+"""
+
+
+@pytest.fixture(scope='module')
+def deployed(tmp_path_factory):
+    from mmengine.config import Config
+
+    root = tmp_path_factory.mktemp('infer_mask')
+    generate(root / 'data', seed=2, num_train=1, num_val=3, image_size=80, classes=CLASSES, min_size=12,
+             max_size=30, objects_per_image=(1, 3))
+    cfg_path = write_tiny_shapes_config(root / 'tiny.py', root / 'data', CLASSES, base='shapes_r18_mask_dcnv2.py',
+                                        image_size=64, extra=TINY_MASK_HEAD)
+    ckpt = write_checkpoint(cfg_path, root / 'tiny.pth')
+    cfg = Config.fromfile(cfg_path)
+    model = tiny_model(cfg)
+    model.load_state_dict(torch.load(ckpt, weights_only=True)['state_dict'])
+    onnx_path = root / 'tiny.onnx'
+    export_onnx(model, InputSpec.from_config(cfg), str(onnx_path), classes=config_classes(cfg), config_path=cfg_path,
+                checkpoint=str(ckpt), optimize=False)
+    return root, cfg_path, ckpt, onnx_path
+
+
+def test_infer_writes_rle_masks_and_draws_them(deployed, tmp_path):
+    root, cfg, ckpt, onnx_path = deployed
+    masks = {}
+    for runtime, extra in (('pytorch', []), ('onnxruntime', ['--onnx', onnx_path])):
+        out = tmp_path / runtime
+        run = tool('tools/infer.py', cfg, ckpt, root / 'data' / 'val', '--out-dir', out, '--score-thr', '0.2', *extra)
+        assert run.returncode == 0, run.stderr
+        report = json.loads((out / 'detections.json').read_text())
+        decoded = []
+        for image in report['images']:
+            for det in image['detections']:
+                rle = det['mask']
+                assert rle['size'] == [image['height'], image['width']] and isinstance(rle['counts'], str)
+                m = mask_utils.decode({'size': rle['size'], 'counts': rle['counts'].encode()}).astype(bool)
+                x1, y1, x2, y2 = det['box']
+                ys, xs = np.nonzero(m)  # pasted inside the box grown by mmdet's one-pixel margin
+                assert not xs.size or (xs.min() >= x1 - 2 and xs.max() <= x2 + 1 and ys.min() >= y1 - 2
+                                       and ys.max() <= y2 + 1)
+                decoded.append(m)
+        masks[runtime] = decoded
+    assert len(masks['pytorch']) == len(masks['onnxruntime']) > 0 and any(m.any() for m in masks['pytorch'])
+    pixels = sum(m.size for m in masks['pytorch'])
+    assert sum((a != b).sum() for a, b in zip(masks['pytorch'], masks['onnxruntime'], strict=True)) <= 1e-3 * pixels
+
+
+def test_test_py_reports_mask_ap_for_the_checkpoint_and_the_onnx_file(deployed, tmp_path):
+    root, cfg, ckpt, onnx_path = deployed
+    metrics = {}
+    for runtime, extra in (('pytorch', []), ('onnxruntime', ['--onnx', onnx_path])):
+        run = tool('tools/test.py', cfg, ckpt, '--work-dir', tmp_path / runtime, *extra)
+        assert run.returncode == 0, run.stderr
+        assert 'segm_mAP ' in run.stdout and 'bbox_mAP ' in run.stdout
+        metrics[runtime] = json.loads((tmp_path / runtime / 'test_metrics.json').read_text())['metrics']
+    for key in ('coco/bbox_mAP', 'coco/segm_mAP', 'coco/segm_mAP_50'):
+        assert abs(metrics['pytorch'][key] - metrics['onnxruntime'][key]) <= 0.005, key
