@@ -37,8 +37,10 @@ groups, offset_groups)`` has a schema, a fake (meta) kernel, an autograd formula
 given a translation for it (:mod:`dcn_det.deploy`). Its kernels: on the CPU the compiled one
 (``compiled``: ``csrc/deform_conv_cpu.cpp``, built with the package as ``dcn_det._C``) when it loads, else
 the public-API kernel at the end of this file (``public``) with a one-line notice; on other devices
-``public``. ``DCN_DET_CPU_KERNEL=compiled|public`` or :func:`use_cpu_kernel` forces one. Half and
-bfloat16 are computed in float32 and the result has ``input``'s dtype and memory format.
+``public``. ``DCN_DET_CPU_KERNEL=compiled|public`` or :func:`use_cpu_kernel` forces one. Half is
+computed in float32; bfloat16 in bfloat16 by the compiled kernel on a CPU with native bfloat16 (GEMMs in
+bfloat16, sums in float32: :mod:`dcn_det.ops._common`), in float32 elsewhere; the result has ``input``'s
+dtype and memory format.
 
 """
 import contextlib
@@ -162,8 +164,8 @@ def deform_conv2d(input: Tensor,
         backend (str): ``'auto'``, ``'native'``, ``'mmcv'`` or ``'torchvision'`` (see module doc).
 
     Returns:
-        Tensor[N, C_out, H_out, W_out], with ``input``'s dtype (float32 under autocast) and memory
-        format.
+        Tensor[N, C_out, H_out, W_out], with ``input``'s dtype and memory format (under autocast:
+        bfloat16 under CPU bfloat16 autocast on a CPU with native bfloat16, else float32).
 
     Raises:
         NonFiniteError: ``offset`` or ``mask`` holds a NaN or an infinity.
