@@ -10,8 +10,9 @@ extraction and the heads' layers run in bfloat16:
 
 - every head's ``loss_by_feat`` and ``predict_by_feat`` (dense heads: RPN, RetinaNet, ...; mask heads),
   ``loss_and_target`` and ``refine_bboxes`` (RoI box and mask heads, the cascade's refinement);
-- every RoI extractor's ``forward`` (mmcv's RoIAlign, dcn_det's deformable RoI pooling), so that its
-  features, RoIs and pooling run in float32.
+- every RoI extractor's ``forward`` (mmcv's RoIAlign), so that its features, RoIs and pooling run in
+  float32; an extractor of dcn_det's deformable RoI pooling layers only gets float32 features but stays
+  under autocast: the op pools in float32 by itself, and its offset predictor's fc layers run in bfloat16.
 
 Their tensor arguments are cast to float32 on the way in. Training: ``optim_wrapper =
 dict(type='CPUAmpOptimWrapper', optimizer=...)`` (what ``tools/train.py --amp`` sets on a CPU); testing:
@@ -29,7 +30,7 @@ from mmdet.registry import OPTIM_WRAPPERS
 from mmengine.optim import OptimWrapper
 from torch import nn
 
-from dcn_det.ops import cpu_has_native_bf16
+from dcn_det.ops import DeformRoIPool, cpu_has_native_bf16
 
 FLOAT32_METHODS = ('loss_by_feat', 'predict_by_feat', 'loss_and_target', 'refine_bboxes')
 NO_NATIVE_BF16 = ('this CPU has no native bfloat16 (no AVX512-BF16 or AMX-BF16 in /proc/cpuinfo), where bfloat16 '
@@ -52,11 +53,12 @@ def _as_float32(value: Any) -> Any:
     return value
 
 
-def _float32(func: Callable) -> Callable:
-    """``func`` (a method's function) run with float32 tensor arguments and CPU autocast off."""
+def _float32(func: Callable, autocast_off: bool = True) -> Callable:
+    """``func`` (a method's function) run with float32 tensor arguments and CPU autocast off (or left as it
+    is)."""
     @functools.wraps(func)
     def method(self, *args, **kwargs):
-        with torch.autocast('cpu', enabled=False):
+        with torch.autocast('cpu', enabled=False) if autocast_off else contextlib.nullcontext():
             return func(self, *_as_float32(args), **_as_float32(kwargs))
     method.keeps_float32 = True
     return method
@@ -72,12 +74,15 @@ def keep_float32(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         names = [name for name in FLOAT32_METHODS if callable(getattr(type(module), name, None))]
+        own_pooling = False
         if isinstance(module, BaseRoIExtractor):
             names.append('forward')
+            own_pooling = all(isinstance(layer, DeformRoIPool) for layer in module.roi_layers)
         for name in names:
             if getattr(getattr(module, name), 'keeps_float32', False):
                 continue
-            setattr(module, name, types.MethodType(_float32(getattr(type(module), name)), module))
+            autocast_off = not (own_pooling and name == 'forward')
+            setattr(module, name, types.MethodType(_float32(getattr(type(module), name), autocast_off), module))
             count += 1
     return count
 

@@ -60,6 +60,29 @@ def test_bf16_loss_is_float32_and_reaches_every_parameter(detector, tiny_inputs,
     assert offset_grads and all(g is not None and g.dtype == torch.float32 for g in offset_grads)
 
 
+def test_deformable_roi_pooling_pools_float32_and_predicts_offsets_in_bf16(detector, tiny_inputs, native_bf16):
+    """The deformable RoI extractor gets float32 features (it pools in float32) but stays under autocast, so
+    its offset predictor's fc layers run in bfloat16, unlike mmcv's RoIAlign extractors, run wholly in float32."""
+    keep_float32(detector)
+    extractor = detector.roi_head.bbox_roi_extractor
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen.setdefault(name, output.dtype)
+        return hook
+
+    fcs = [m for m in extractor.modules() if isinstance(m, torch.nn.Linear)]
+    assert fcs
+    hooks = [fc.register_forward_hook(record('fc')) for fc in fcs]
+    hooks.append(extractor.register_forward_hook(record('extractor')))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        detector(**detector.data_preprocessor(tiny_inputs, True), mode='loss')
+    for hook in hooks:
+        hook.remove()
+    assert seen == {'fc': torch.bfloat16, 'extractor': torch.float32}
+
+
 def test_keep_float32_is_idempotent_and_survives_a_deep_copy(detector):
     assert keep_float32(detector) > 0
     assert keep_float32(detector) == 0
