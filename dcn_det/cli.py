@@ -70,6 +70,49 @@ def choose_kernels(cfg: Config, keep_mmcv_ops: bool) -> None:
     set_conversion(cfg, convert=not keep_mmcv_ops)
 
 
+def add_export_arguments(parser, out_help: str, runtime: str) -> None:
+    """What both export tools take: CONFIG CHECKPOINT OUT, the fixed input (``--shape``, ``--batch-size``), the
+    check against PyTorch in ``runtime`` (``--no-verify``), checkpoint trust, config overrides, the kernels."""
+    parser.add_argument('config', help='detector config file')
+    parser.add_argument('checkpoint', help='checkpoint of that detector')
+    parser.add_argument('out', help=out_help)
+    parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
+                        help='fixed input height and width, multiples of the pad divisor (default: holds every '
+                             'resized image)')
+    parser.add_argument('--batch-size', type=int, default=1, help='fixed batch size (default 1)')
+    parser.add_argument('--no-verify', action='store_true', help=f'skip the {runtime} vs PyTorch check')
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help='allow a checkpoint that pickles Python objects (can run code)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, key=value (mmengine syntax)')
+    add_kernel_switch(parser)
+
+
+def load_for_export(args):
+    """(cfg, input spec, class names, detector with its checkpoint) for an export tool's ``args``; the
+    batch size is checked first."""
+    from dcn_det.checkpoint import load_detector
+    from dcn_det.deploy import InputSpec, config_classes
+
+    if args.batch_size < 1:
+        raise UsageError(f'--batch-size must be >= 1, got {args.batch_size}')
+    cfg = load_config(args.config, args.cfg_options)
+    choose_kernels(cfg, args.keep_mmcv_ops)
+    return (cfg, InputSpec.from_config(cfg), config_classes(cfg),
+            load_detector(cfg, args.checkpoint, trust=args.trust_checkpoint))
+
+
+def print_verification(result, runtime: str) -> None:
+    """An export tool's report of its check (``result``: an ``ExportResult``) against PyTorch in ``runtime``."""
+    if not result.max_abs_diff:
+        return
+    diffs = ', '.join(f'{k} {v:.2g}' for k, v in result.max_abs_diff.items())
+    verdict = 'same detections' if result.same_detections else 'DIFFERENT detections'
+    print(f'{runtime} vs PyTorch on a test batch: {verdict}; max |difference|: {diffs}')
+    if not result.same_detections:
+        print(f'warning: {runtime.split()[0]} and PyTorch disagree on the test batch (see above)', file=sys.stderr)
+
+
 # where mmengine's AmpOptimWrapper (float16 with loss scaling) runs; on a CPU --amp is bfloat16 autocast
 AMP_DEVICES = ('cuda', 'npu', 'mlu', 'musa')
 

@@ -33,45 +33,25 @@ Use it with ``tools/infer.py CONFIG CHECKPOINT IMAGES --onnx OUT.onnx`` and
 """
 import argparse
 import os.path as osp
-import sys
 
 from dcn_det.checkpoint import CheckpointLoadError
-from dcn_det.cli import DictAction, UsageError, add_kernel_switch, choose_kernels, fail, load_config
+from dcn_det.cli import UsageError, add_export_arguments, fail, load_for_export, print_verification
 
 
 def parse_args(argv=None):
     from dcn_det.deploy.export import DEFAULT_OPSET
 
     parser = argparse.ArgumentParser(description='Export a detector to ONNX (standard operators only)')
-    parser.add_argument('config', help='detector config file')
-    parser.add_argument('checkpoint', help='checkpoint of that detector')
-    parser.add_argument('out', help='.onnx file to write (must not exist)')
+    add_export_arguments(parser, '.onnx file to write (must not exist)', 'onnxruntime')
     parser.add_argument('--opset', type=int, default=DEFAULT_OPSET,
                         help='ONNX opset, 19 or newer (default %(default)s)')
-    parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
-                        help='fixed input height and width, multiples of the pad divisor (default: holds every '
-                             'resized image)')
-    parser.add_argument('--dynamic', action='store_true', help='dynamic batch size, height and width')
-    parser.add_argument('--batch-size', type=int, default=1, help='fixed batch size (default 1; not with --dynamic)')
-    parser.add_argument('--no-verify', action='store_true', help='skip the onnxruntime vs PyTorch check')
-    parser.add_argument('--trust-checkpoint', action='store_true',
-                        help='allow a checkpoint that pickles Python objects (can run code)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config settings, key=value (mmengine syntax)')
-    add_kernel_switch(parser)
+    parser.add_argument('--dynamic', action='store_true',
+                        help='dynamic batch size, height and width (not with --batch-size/--shape)')
     return parser.parse_args(argv)
 
 
 def main(argv=None):
-    from dcn_det.checkpoint import load_detector
-    from dcn_det.deploy import (
-        ConfigNotDeployableError,
-        InputSpec,
-        NotExportableError,
-        config_classes,
-        export_onnx,
-        model_sha256,
-    )
+    from dcn_det.deploy import ConfigNotDeployableError, NotExportableError, export_onnx, model_sha256
     from dcn_det.deploy.export import check_target
 
     args = parse_args(argv)
@@ -81,13 +61,7 @@ def main(argv=None):
         check_target(args.out, args.opset)  # before the model is built
         if args.dynamic and (args.batch_size != 1 or args.shape):
             raise UsageError('--dynamic leaves batch size and shape free: drop --batch-size/--shape')
-        if args.batch_size < 1:
-            raise UsageError(f'--batch-size must be >= 1, got {args.batch_size}')
-        cfg = load_config(args.config, args.cfg_options)
-        choose_kernels(cfg, args.keep_mmcv_ops)
-        spec = InputSpec.from_config(cfg)
-        classes = config_classes(cfg)
-        model = load_detector(cfg, args.checkpoint, trust=args.trust_checkpoint)
+        cfg, spec, classes, model = load_for_export(args)
         result = export_onnx(model, spec, args.out, classes=classes, config_text=cfg.pretty_text,
                              config_path=args.config, checkpoint=args.checkpoint, model_digest=model_sha256(cfg),
                              opset=args.opset,
@@ -99,12 +73,7 @@ def main(argv=None):
     size = osp.getsize(args.out) / 2**20
     print(f'wrote {args.out} ({size:.1f} MiB): opset {result.opset}, input images[{shape}], '
           f'{len(classes)} classes; operators: {", ".join(result.op_types)}')
-    if result.max_abs_diff:
-        diffs = ', '.join(f'{k} {v:.2g}' for k, v in result.max_abs_diff.items())
-        verdict = 'same detections' if result.same_detections else 'DIFFERENT detections'
-        print(f'onnxruntime vs PyTorch on a test batch: {verdict}; max |difference|: {diffs}')
-        if not result.same_detections:
-            print('warning: onnxruntime and PyTorch disagree on the test batch (see above)', file=sys.stderr)
+    print_verification(result, 'onnxruntime')
     return result
 
 
