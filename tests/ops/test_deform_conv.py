@@ -281,11 +281,14 @@ def test_bf16_kernel_computes_in_bf16(monkeypatch):
     assert 0 < err['1'] < 1e-2 and not torch.equal(outs['1'], outs['0'])
 
 
-@pytest.mark.parametrize('name', ['v2', 'groups2_offset_groups2'])
-def test_bf16_at_network_sizes_against_float64(monkeypatch, name):
+@pytest.mark.parametrize('name,chunk_rows', [('v2', None), ('v2', 3), ('groups2_offset_groups2', None)])
+def test_bf16_at_network_sizes_against_float64(monkeypatch, name, chunk_rows):
     """A ResNet-like layer (64 channels, offsets of std 2 px): the bfloat16 kernel's output and gradients
-    within a dense bfloat16 conv's relative error of float64 (1e-2), the offset and mask gradients 3e-2."""
+    within a dense bfloat16 conv's relative error of float64 (1e-2), the offset and mask gradients 3e-2; in
+    one chunk (the weight gradient is one GEMM) and in chunks of 3 output rows (summed in float32)."""
     monkeypatch.setenv('DCN_DET_CPU_BF16', '1')
+    if chunk_rows:
+        monkeypatch.setattr(deform_conv, 'CHUNK_BYTES', chunk_rows * 16 * 9 * 64 * 2)  # rows * W_out * K * C * 2 B
     config = dict(CONFIGS[name], n=2, c=64, c_out=64, h=16, w=16, scale=2.0)
     rounded = {k: (v.bfloat16().double() if isinstance(v, torch.Tensor) else v)
                for k, v in make_inputs(**config).items()}

@@ -1,7 +1,7 @@
-// Deformable convolution (DCNv1 / DCNv2) on the CPU: bilinear im2col, the GEMMs through ATen's convolution
-// (oneDNN) and matmul, and a fused col2im that also produces the offset and mask gradients. Public ATen API
-// only. (On AMD CPUs MKL's sgemm, behind at::mm, does not use AVX-512; oneDNN's convolution does, and it is
-// a GEMM when the columns are seen as rows of an image convolved by a 1xK kernel with stride K.)
+// Deformable convolution (DCNv1 / DCNv2) on the CPU: bilinear im2col, the GEMMs through ATen's matmul and
+// convolution (oneDNN), and a fused col2im that also produces the offset and mask gradients. Public ATen API
+// only. (A convolution is a GEMM when the columns are seen as rows of an image convolved by a 1xK kernel with
+// stride K; which GEMM takes which form is in matmul_forward / matmul_column_grad.)
 //
 // Semantics are mmcv's (modulated_deform_conv / deform_conv CPU and CUDA kernels): a sample at (h, w)
 // counts only when -1 < h < H and -1 < w < W; it reads the corners (floor(h), floor(w)) .. +1, a corner
@@ -19,7 +19,8 @@
 // Dtypes: float32 and float64 throughout; bfloat16 (storage type S = bf16 bits) keeps x, the columns and the
 // column gradient in bfloat16, so that the GEMMs run in bfloat16 with float32 accumulation (oneDNN), and
 // computes every sample position, bilinear weight and sum in float32 (the accumulation type A): the input,
-// offset, mask and weight gradients are accumulated in float32 and returned so.
+// offset, mask and weight gradients are accumulated in float32 and returned so (the weight gradient of a
+// single chunk: in bfloat16, see deform_conv2d_backward).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -128,11 +129,6 @@ DCN_SCATTER4_DOT4(bf16, float)
 #undef DCN_SCATTER4_DOT4
 
 // The tensors' data as their storage type
-
-// The accumulation type of a storage type, and conversions between the two, and the tensors' data as either
-template <typename S>
-using acc_t = std::conditional_t<std::is_same_v<S, bf16>, float, S>;
-
 template <typename S>
 S* ptr(const at::Tensor& t) {
   if constexpr (std::is_same_v<S, bf16>) {
@@ -315,19 +311,29 @@ int64_t rows_per_chunk(const Geometry& s, int64_t chunk_bytes, int64_t element) 
   return std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(1, s.wo * s.k * s.c * element));
 }
 
-// dst (A, C, B) = src (A, B, C) transposed, both contiguous, in 32 x 32 tiles (a strided copy of a large
-// matrix misses the cache on every write); E is an unsigned integer of the element's size
+// dst (A, C, B) = src (A, B, C) transposed, both contiguous, in 16 x 16 tiles (a strided copy of a large
+// matrix misses the cache on every write); E is an unsigned integer of the element's size. Measured at the
+// weight and image shapes of ResNet's c3-c5, as fast as ATen's copy of a transposed view or faster (up to 4x
+// for an image); 2x the speed of 32 x 32 tiles with their bounds inside the loops.
 template <typename E>
-void transpose_tiles(const E* src, E* dst, int64_t a, int64_t b, int64_t c) {
-  constexpr int64_t tile = 32;
-  const int64_t tb = (b + tile - 1) / tile, tc = (c + tile - 1) / tile;
-  at::parallel_for(0, a * tb * tc, 1, [&](int64_t t0, int64_t t1) {
+void transpose_tiles(const E* __restrict src, E* __restrict dst, int64_t a, int64_t b, int64_t c) {
+  constexpr int64_t tile = 16;
+  const int64_t tb = (b + tile - 1) / tile;
+  at::parallel_for(0, a * tb, 1, [=](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i = t / (tb * tc), j0 = (t / tc) % tb * tile, l0 = t % tc * tile;
-      const E* sp = src + i * b * c;
-      E* dp = dst + i * b * c;
-      for (int64_t j = j0; j < std::min(b, j0 + tile); ++j)
-        for (int64_t l = l0; l < std::min(c, l0 + tile); ++l) dp[l * b + j] = sp[j * c + l];
+      const int64_t i = t / tb, j0 = t % tb * tile, j1 = std::min(b, j0 + tile);
+      const E* __restrict sp = src + i * b * c;
+      E* __restrict dp = dst + i * b * c;
+      for (int64_t l0 = 0; l0 < c; l0 += tile) {
+        const int64_t l1 = std::min(c, l0 + tile);
+        if (j1 - j0 == tile && l1 - l0 == tile) {  // a full tile: constant trip counts, unrolled
+          for (int64_t l = 0; l < tile; ++l)
+            for (int64_t j = 0; j < tile; ++j) dp[(l0 + l) * b + j0 + j] = sp[(j0 + j) * c + l0 + l];
+        } else {
+          for (int64_t l = l0; l < l1; ++l)
+            for (int64_t j = j0; j < j1; ++j) dp[l * b + j] = sp[j * c + l];
+        }
+      }
     }
   });
 }
@@ -390,19 +396,44 @@ struct Rows {
   }
 };
 
-// weight (C_out, C/G, kh, kw) as (C_out, C/G, 1, K) in channels-last memory, the form oneDNN takes without a copy
-at::Tensor weight_rows(const at::Tensor& weight, const Geometry& s) {
-  return swap_last2(weight.reshape({s.c_out, s.c / s.g, s.k})).view({s.c_out, 1, s.k, s.c / s.g}).permute({0, 3, 1, 2});
+// Scratch buffers kept between calls (per calling thread, by use), for the columns, their gradient and the
+// weight rows: buffers of these sizes come from fresh mmap'd pages on every allocation, and faulting them in
+// cost as much as filling them. Never returned to the caller.
+enum Scratch { kColumns, kColumnGrad, kWeightRows, kScratchKinds };
+
+at::Tensor scratch(Scratch use, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  static thread_local at::Tensor cache[kScratchKinds];
+  at::Tensor& buffer = cache[use];
+  const int64_t numel = c10::multiply_integers(sizes);
+  if (!buffer.defined() || buffer.numel() < numel || buffer.scalar_type() != options.dtype().toScalarType())
+    buffer = at::empty({numel}, options);
+  return buffer.narrow(0, 0, numel).view(sizes);
 }
 
-// A column buffer kept between calls (one per calling thread): buffers of this size come from fresh mmap'd
-// pages on every allocation, and faulting them in cost as much as filling them.
-at::Tensor column_buffer(int64_t rows, const Geometry& s, const at::TensorOptions& options) {
-  static thread_local at::Tensor cache;
-  const int64_t numel = rows * s.k * s.c;
-  if (!cache.defined() || cache.numel() < numel || cache.scalar_type() != options.dtype().toScalarType())
-    cache = at::empty({numel}, options);
-  return cache.narrow(0, 0, numel).view({rows, s.k, s.c});
+// weight (C_out, C/G, kh, kw) in the column layout: (C_out, K, C/G) contiguous, in a scratch buffer
+at::Tensor weight_rows(const at::Tensor& weight, const Geometry& s) {
+  auto src = weight.contiguous();
+  auto dst = scratch(kWeightRows, {s.c_out, s.k, s.c / s.g}, weight.options());
+  transpose_into(src, dst, s.c_out, s.c / s.g, s.k);
+  return dst;
+}
+
+// weight rows (C_out, K, C/G) as the conv weight (C_out, C/G, 1, K) in channels-last memory, the form oneDNN
+// takes without a copy
+at::Tensor as_conv_weight(const at::Tensor& w_rows, const Geometry& s) {
+  return w_rows.view({s.c_out, 1, s.k, s.c / s.g}).permute({0, 3, 1, 2});
+}
+
+// Which GEMMs are matmuls ((Pc, K*C) columns times (K*C, C_out) weights) rather than convolutions over the
+// columns: measured on oneDNN/MKL (torch 2.14, AVX-512), the matmul is as fast or faster for the column
+// gradient in every dtype, and for the bfloat16 forward; the float32 forward is faster as a convolution at
+// 128-256 channels (MKL's sgemm). Grouped convolutions always run as convolutions.
+bool matmul_forward(const Geometry& s, at::ScalarType dtype) { return s.g == 1 && dtype == at::kBFloat16; }
+bool matmul_column_grad(const Geometry& s) { return s.g == 1; }
+
+// (rows, K, C) columns of rows output pixels
+at::Tensor column_buffer(Scratch use, int64_t rows, const Geometry& s, const at::TensorOptions& options) {
+  return scratch(use, {rows, s.k, s.c}, options);
 }
 
 // cols (Pc, K, C) of rc output rows as the channels-last image batch (rc, C, 1, Wo*K)
@@ -446,24 +477,34 @@ at::Tensor deform_conv2d_forward(const at::Tensor& input, const at::Tensor& offs
     using S = decltype(tag);
     using T = acc_t<S>;
     auto zero = at::zeros({s.cd}, input.options());
-    auto cols = column_buffer(step * s.wo, s, input.options());
+    auto cols = column_buffer(kColumns, step * s.wo, s, input.options());
     for (int64_t r0 = 0; r0 < rows; r0 += step) {
       const int64_t rc = std::min(step, rows - r0);
       auto c = cols.narrow(0, 0, rc * s.wo);
       im2col<S>(ptr<S>(x), ptr<T>(off), msk.defined() ? ptr<T>(msk) : nullptr, ptr<S>(zero), s, r0 * s.wo,
                 rc * s.wo, ptr<S>(c));
-      // (rc, C_out, 1, Wo) in channels-last memory: the chunk's rows of output pixels
-      const std::vector<int64_t> stride{1, s.k}, pad{0, 0}, dil{1, 1};
-      auto o = at::conv2d(as_rows(c, s, rc), w_rows, bias, at::IntArrayRef(stride), at::IntArrayRef(pad),
-                          at::IntArrayRef(dil), s.g);
-      out_rows.narrow(0, r0, rc).copy_(o.permute({0, 2, 3, 1}).view({rc, s.wo, s.c_out}));
+      auto o_rows = out_rows.narrow(0, r0, rc);
+      if (matmul_forward(s, input.scalar_type())) {
+        auto o2d = o_rows.view({rc * s.wo, s.c_out});
+        auto w2d = w_rows.view({s.c_out, s.k * s.c}).t();
+        bias ? at::addmm_out(o2d, *bias, c.view({rc * s.wo, s.k * s.c}), w2d)
+             : at::mm_out(o2d, c.view({rc * s.wo, s.k * s.c}), w2d);
+      } else {
+        // (rc, C_out, 1, Wo) in channels-last memory: the chunk's rows of output pixels
+        const std::vector<int64_t> stride{1, s.k}, pad{0, 0}, dil{1, 1};
+        auto o = at::conv2d(as_rows(c, s, rc), as_conv_weight(w_rows, s), bias, at::IntArrayRef(stride),
+                            at::IntArrayRef(pad), at::IntArrayRef(dil), s.g);
+        o_rows.copy_(o.permute({0, 2, 3, 1}).view({rc, s.wo, s.c_out}));
+      }
     }
   });
   return result.finish();
 }
 
 // Gradients of input, offset, mask, weight, bias; an undefined tensor where not asked for. They are in the
-// accumulation dtype (the input's, float32 for bfloat16) and each in its tensor's memory format.
+// accumulation dtype (the input's, float32 for bfloat16) and each in its tensor's memory format, except a
+// bfloat16 weight gradient computed in one chunk: one GEMM with float32 accumulation, returned in bfloat16
+// as the GEMM writes it (the weight's dtype: a float32 copy would be rounded back).
 std::vector<at::Tensor> deform_conv2d_backward(const at::Tensor& grad_out, const at::Tensor& input,
                                                const at::Tensor& offset, const c10::optional<at::Tensor>& mask,
                                                const at::Tensor& weight, bool has_bias, int64_t sh, int64_t sw,
@@ -523,7 +564,7 @@ std::vector<at::Tensor> deform_conv2d_backward(const at::Tensor& grad_out, const
           gx_ptrs.push_back(ptr<T>(extra.back()));
         }
       }
-      auto cols = column_buffer(step * s.wo, s, input.options());
+      auto cols = column_buffer(kColumns, step * s.wo, s, input.options());
       const S* xp = ptr<S>(x);
       const T* op = ptr<T>(off);
       const T* mp = msk.defined() ? ptr<T>(msk) : nullptr;
@@ -535,10 +576,17 @@ std::vector<at::Tensor> deform_conv2d_backward(const at::Tensor& grad_out, const
         // column gradient is needed too, by col2im from the same reads of the input
         auto c = cols.narrow(0, 0, pc);
         if (need_cols_grad) {
-          auto grad_img = std::get<0>(at::convolution_backward(go_img, as_rows(c, s, rc), w_rows, c10::nullopt,
-                                                               {1, s.k}, {0, 0}, {1, 1}, false, {0, 0}, s.g,
-                                                               {true, false, false}));
-          auto gc = grad_img.permute({0, 2, 3, 1}).contiguous();  // back to (Pc, K, C)
+          at::Tensor gc;  // (Pc, K, C)
+          if (matmul_column_grad(s)) {
+            gc = column_buffer(kColumnGrad, pc, s, input.options());
+            auto gc2d = gc.view({pc, s.k * s.c});
+            at::mm_out(gc2d, go_c.reshape({pc, s.c_out}), w_rows.view({s.c_out, s.k * s.c}));
+          } else {
+            auto grad_img = std::get<0>(at::convolution_backward(go_img, as_rows(c, s, rc), as_conv_weight(w_rows, s),
+                                                                 c10::nullopt, {1, s.k}, {0, 0}, {1, 1}, false, {0, 0},
+                                                                 s.g, {true, false, false}));
+            gc = grad_img.permute({0, 2, 3, 1}).contiguous();
+          }
           col2im<S>(xp, op, mp, ptr<S>(zero), s, r0 * s.wo, pc, ptr<S>(gc), gx_ptrs, ptr<T>(trash),
                     need_offset ? ptr<T>(goff) : nullptr, need_mask ? ptr<T>(gmask) : nullptr,
                     need_weight ? ptr<S>(c) : nullptr);
@@ -550,14 +598,16 @@ std::vector<at::Tensor> deform_conv2d_backward(const at::Tensor& grad_out, const
           if (s.g == 1) {
             auto gw2d = gw.view({s.c_out, s.k * s.c});
             auto go2d = go_c.reshape({pc, s.c_out}).t();
-            if (std::is_same_v<S, T>) {
-              gw2d.addmm_(go2d, c.view({pc, s.k * s.c}), r0 > 0 ? 1 : 0);
+            if (std::is_same_v<S, T>) {  // the first chunk writes (beta = 0 would still scale gw), the others add
+              r0 > 0 ? gw2d.addmm_(go2d, c.view({pc, s.k * s.c})) : at::mm_out(gw2d, go2d, c.view({pc, s.k * s.c}));
+            } else if (pc == rows * s.wo) {  // one chunk: the bfloat16 GEMM's own result, no float32 copy
+              gw = at::mm(go2d, c.view({pc, s.k * s.c})).view({s.c_out, s.k, s.c});
             } else {  // a bfloat16 GEMM per chunk, summed in float32
               part = at::mm(go2d, c.view({pc, s.k * s.c}));
               r0 > 0 ? gw2d.add_(part) : gw2d.copy_(part);
             }
           } else {
-            part = std::get<1>(at::convolution_backward(go_img, as_rows(c, s, rc), w_rows, c10::nullopt,
+            part = std::get<1>(at::convolution_backward(go_img, as_rows(c, s, rc), as_conv_weight(w_rows, s), c10::nullopt,
                                                         {1, s.k}, {0, 0}, {1, 1}, false, {0, 0}, s.g,
                                                         {false, true, false}));
             r0 > 0 ? gw.add_(part) : gw.copy_(part);
