@@ -8,9 +8,10 @@ Usage::
 
 The whole detector goes into the file: backbone with its deformable convs (ONNX ``DeformConv``), FPN,
 RPN proposals with NMS, the RoI head with (modulated) deformable RoI pooling (``RoiAlign`` over
-offset bins, with the config's sampling ratio, adaptive included), box decoding and per-class NMS, and a Mask
-R-CNN's mask head on the detections (each one's RoI mask; pasting into the image stays outside the graph, as
-resizing does). Cascade heads are not exported.
+offset bins, with the config's sampling ratio, adaptive included; a Cascade R-CNN's three stages, each
+refining the boxes of the one before), box decoding and per-class NMS, and a Mask R-CNN's mask head on the
+detections (each one's RoI mask, a cascade's the mean of its stages'; pasting into the image stays outside the
+graph, as resizing does).
 Only standard ONNX domains are used (checked); opset 19 or newer (``DeformConv`` is opset 19).
 mmdet zoo configs export too: their mmcv deformable layers are converted first (:func:`dcn_det.convert_mmcv_ops`;
 ``--keep-mmcv-ops`` keeps them, and the export then stops at the first one).

@@ -1,4 +1,5 @@
-"""A tensor-in, tensors-out Faster / Mask R-CNN around an mmdet two-stage detector, traceable for ONNX export.
+"""A tensor-in, tensors-out Faster / Mask R-CNN and Cascade (Mask) R-CNN around an mmdet two-stage detector,
+traceable for ONNX export.
 
 mmdet's ``predict`` takes and returns ``DetDataSample`` objects and loops over images in Python;
 :class:`DeployableDetector` computes the same detections from three tensors, for a whole batch at
@@ -15,10 +16,15 @@ mmcv's coordinate offset per group (``group * (max_coordinate + 1)``) with torch
 which exports to ``NonMaxSuppression``. A group is (image, class) here, so with one image per batch
 the boxes that meet in NMS are offset exactly as mmdet offsets them.
 
+A cascade (mmdet's ``CascadeRoIHead._refine_roi`` and ``predict_bbox``) runs its stages in turn: each stage
+pools the RoIs with its own extractor; between stages every RoI is moved by that stage's regression for its
+best-scoring foreground class (``regress_by_class``, clipped to the resized image); the last stage's regression
+decodes the last stage's RoIs, under the mean of the stages' class logits.
+
 A Mask R-CNN's mask head then runs on the detections' boxes in resized-image pixels, as mmdet's
-``predict_mask`` does. (mmdet's mask models run the class-aware NMS on those resized boxes and rescale after;
-here NMS sees the rescaled ones, as for Faster R-CNN: IoU is unchanged by a keep-ratio scale up to float
-rounding.)
+``predict_mask`` does (a cascade's: every stage's mask head, the mean of their probabilities). (mmdet's mask
+models run the class-aware NMS on those resized boxes and rescale after; here NMS sees the rescaled ones, as
+for Faster R-CNN: IoU is unchanged by a keep-ratio scale up to float rounding.)
 
 Where batching differs from mmdet's loop: proposals of all images are scored together and kept per
 image by rank (the same set), and the RoI head sees them in score order, not image order (its output
@@ -43,13 +49,13 @@ class NotExportableError(ValueError):
 
 
 class DeployableDetector(nn.Module):
-    """Faster R-CNN (and Mask R-CNN: with each detection's RoI mask) from pixels to detections in original-image
-    pixels, for a batch.
+    """Faster R-CNN or Cascade R-CNN (and their Mask variants: with each detection's RoI mask) from pixels to
+    detections in original-image pixels, for a batch.
 
     Args:
-        detector (nn.Module): an mmdet ``TwoStageDetector`` with an ``RPNHead`` and a ``StandardRoIHead``
-            (boxes, or boxes and an ``FCNMaskHead``), e.g. a dcn_det Faster or Mask R-CNN config's model; checked
-            by :func:`check_exportable`.
+        detector (nn.Module): an mmdet ``TwoStageDetector`` with an ``RPNHead`` and a ``StandardRoIHead`` or
+            ``CascadeRoIHead`` (boxes, or boxes and ``FCNMaskHead`` s), e.g. a dcn_det Faster / Mask / Cascade
+            (Mask) R-CNN config's model; checked by :func:`check_exportable`.
         spec (InputSpec): the normalisation (and padding value) applied inside.
 
     Inputs and outputs: those of the exported file, stated once in :mod:`dcn_det.deploy.metadata`
@@ -61,8 +67,9 @@ class DeployableDetector(nn.Module):
         check_exportable(detector)
         self.detector = detector
         self.spec = spec
-        self.register_buffer('mean', torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer('std', torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        # named apart from the exporter's own values ('mean' is one: an ONNX name must be unique)
+        for name, value in (('pixel_mean', spec.mean), ('pixel_std', spec.std)):
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
     @property
     def max_per_img(self) -> int:
@@ -71,6 +78,13 @@ class DeployableDetector(nn.Module):
     @property
     def with_mask(self) -> bool:
         return bool(self.detector.roi_head.with_mask)
+
+    @property
+    def kind(self) -> str:
+        """'Faster R-CNN', 'Mask R-CNN', 'Cascade R-CNN' or 'Cascade Mask R-CNN'."""
+        if is_cascade(self.detector.roi_head):
+            return 'Cascade Mask R-CNN' if self.with_mask else 'Cascade R-CNN'
+        return 'Mask R-CNN' if self.with_mask else 'Faster R-CNN'
 
     def forward(self, images: Tensor, img_shapes: Tensor, scale_factors: Tensor) -> tuple[Tensor, ...]:
         x = self.normalise(images, img_shapes)
@@ -82,7 +96,7 @@ class DeployableDetector(nn.Module):
         """mmdet's ``DetDataPreprocessor``: channel flip, (x - mean) / std, padding set to ``pad_value``."""
         if self.spec.bgr_to_rgb:
             images = images[:, [2, 1, 0]]
-        x = (images - self.mean) / self.std
+        x = (images - self.pixel_mean) / self.pixel_std
         rows = torch.arange(x.shape[2], device=x.device, dtype=img_shapes.dtype)
         cols = torch.arange(x.shape[3], device=x.device, dtype=img_shapes.dtype)
         inside = (rows.view(1, -1, 1) < img_shapes[:, 0].view(-1, 1, 1)) & \
@@ -156,13 +170,21 @@ class DeployableDetector(nn.Module):
 
     def detect(self, feats: tuple[Tensor, ...], rois: Tensor, img_shapes: Tensor,
                scale_factors: Tensor) -> tuple[Tensor, ...]:
-        """The RoI head and class-aware NMS; returns the four outputs (five with masks; see the class docstring)."""
-        roi_head = self.detector.roi_head
-        head, cfg = roi_head.bbox_head, roi_head.test_cfg
-        x = self.extract_rois(feats, rois)
-        if roi_head.with_shared_head:
-            x = roi_head.shared_head(x)
-        cls_score, bbox_pred = head(x)
+        """The RoI head (each stage of a cascade) and class-aware NMS; returns the four outputs (five with masks;
+        see the class docstring)."""
+        roi_head, cfg = self.detector.roi_head, self.detector.roi_head.test_cfg
+        stages = list(zip(as_list(roi_head.bbox_roi_extractor), as_list(roi_head.bbox_head), strict=True))
+        cls_scores = []
+        for stage, (extractor, head) in enumerate(stages):
+            x = self.extract_rois(feats, rois, extractor)
+            if roi_head.with_shared_head:
+                x = roi_head.shared_head(x)
+            cls_score, bbox_pred = head(x)
+            cls_scores.append(cls_score)
+            if stage < len(stages) - 1:
+                rois = refine_rois(head, rois, cls_score, bbox_pred, img_shapes)
+        if len(cls_scores) > 1:  # as mmdet's cascade: sum() (from 0), then / float(num_stages)
+            cls_score = sum(cls_scores) / float(len(cls_scores))
         num_rois, num_classes = rois.shape[0], head.num_classes
         batch = rois[:, 0].long()
         deltas = bbox_pred.view(num_rois, bbox_pred.shape[1] // 4, 4)  # [R, C or 1 (class-agnostic), 4]
@@ -197,13 +219,45 @@ class DeployableDetector(nn.Module):
     def masks(self, feats: tuple[Tensor, ...], batch: Tensor, boxes: Tensor, labels: Tensor) -> Tensor:
         """mmdet's ``StandardRoIHead.predict_mask`` up to the paste: the mask head on the detections' boxes
         (``Tensor[D, 4]`` in resized-image pixels, as mmdet pools them), the sigmoid of each one's class channel:
-        ``Tensor[D, M, M]``. A dummy RoI goes first (dropped after), so the head never runs on none."""
+        ``Tensor[D, M, M]``. A cascade's (``CascadeRoIHead.predict_mask``): every stage's mask head, the mean of
+        their sigmoids. A dummy RoI goes first (dropped after), so the heads never run on none."""
         roi_head = self.detector.roi_head
         rois = torch.cat([batch.unsqueeze(1).to(boxes.dtype), boxes], 1)
         rois = torch.cat([rois.new_zeros(1, 5), rois])
-        preds = roi_head.mask_head(self.extract_rois(feats, rois, roi_head.mask_roi_extractor))[1:]
-        channel = labels if preds.shape[1] > 1 else torch.zeros_like(labels)  # class_agnostic: one channel
-        return preds[torch.arange(preds.shape[0], device=preds.device), channel].sigmoid()
+        probs = []
+        for extractor, head in zip(as_list(roi_head.mask_roi_extractor), as_list(roi_head.mask_head), strict=True):
+            preds = head(self.extract_rois(feats, rois, extractor))[1:]
+            channel = labels if preds.shape[1] > 1 else torch.zeros_like(labels)  # class_agnostic: one channel
+            probs.append(preds[torch.arange(preds.shape[0], device=preds.device), channel].sigmoid())
+        return probs[0] if len(probs) == 1 else torch.stack(probs).mean(dim=0)  # mmdet's merge_aug_masks
+
+
+def is_cascade(roi_head: nn.Module) -> bool:
+    """Whether ``roi_head`` is mmdet's ``CascadeRoIHead`` (itself: its subclasses add branches)."""
+    from mmdet.models.roi_heads import CascadeRoIHead
+
+    return type(roi_head) is CascadeRoIHead
+
+
+def as_list(module: nn.Module) -> list[nn.Module]:
+    """A cascade's per-stage ``nn.ModuleList`` as a list; a single module as a list of one."""
+    return list(module) if isinstance(module, nn.ModuleList) else [module]
+
+
+def refine_rois(head: nn.Module, rois: Tensor, cls_score: Tensor, bbox_pred: Tensor, img_shapes: Tensor) -> Tensor:
+    """mmdet's ``BBoxHead.regress_by_class`` as ``CascadeRoIHead._refine_roi`` calls it between stages: each RoI
+    (``Tensor[R, 5]``) moved by its regression for the best-scoring foreground class of ``cls_score`` (logits,
+    background last), decoded by ``head``'s coder and clipped to its image (``img_shapes``, ``Tensor[N, 2]``)."""
+    num_rois = rois.shape[0]
+    batch = rois[:, 0].long()
+    deltas = bbox_pred.view(num_rois, -1, 4)  # [R, C or 1 (class-agnostic), 4]
+    if deltas.shape[1] > 1:
+        labels = cls_score[:, :-1].argmax(dim=1)
+        deltas = deltas[torch.arange(num_rois, device=rois.device), labels]
+    else:
+        deltas = deltas[:, 0]
+    boxes = decode_boxes(head.bbox_coder, rois[:, 1:], deltas, img_shapes[batch])
+    return torch.cat([rois[:, :1], boxes], 1)
 
 
 def decode_boxes(coder: nn.Module, rois: Tensor, deltas: Tensor, max_shape: Tensor) -> Tensor:
@@ -285,21 +339,31 @@ def check_exportable(detector: nn.Module) -> None:
     for part in ('backbone', 'rpn_head', 'roi_head'):
         if getattr(detector, part, None) is None:
             refuse('the model', detector, f'it has no {part}; only two-stage detectors with an RPN '
-                   '(Faster / Mask R-CNN) are exported')
+                   '(Faster / Mask / Cascade (Mask) R-CNN) are exported')
     rpn, roi_head = detector.rpn_head, detector.roi_head
     if not isinstance(rpn, RPNHead):
         refuse('model.rpn_head', rpn, 'only mmdet RPNHead is exported')
     if type(rpn.prior_generator) is not AnchorGenerator:
         refuse('model.rpn_head.prior_generator', rpn.prior_generator, 'only AnchorGenerator is exported')
-    if not isinstance(roi_head, StandardRoIHead):
-        refuse('model.roi_head', roi_head, 'only StandardRoIHead (Faster / Mask R-CNN) is exported, not a cascade')
-    if roi_head.with_mask and not isinstance(roi_head.mask_head, FCNMaskHead):
-        refuse('model.roi_head.mask_head', roi_head.mask_head, 'only FCNMaskHead (Mask R-CNN) is exported')
-    head = roi_head.bbox_head
-    if not isinstance(head, BBoxHead) or getattr(head, 'custom_cls_channels', False):
-        refuse('model.roi_head.bbox_head', head, 'only BBoxHead with a softmax classifier is exported')
-    for where, coder in (('model.rpn_head.bbox_coder', rpn.bbox_coder),
-                         ('model.roi_head.bbox_head.bbox_coder', head.bbox_coder)):
+    if not (isinstance(roi_head, StandardRoIHead) or is_cascade(roi_head)):
+        refuse('model.roi_head', roi_head, 'only StandardRoIHead (Faster / Mask R-CNN) and CascadeRoIHead (Cascade '
+               '(Mask) R-CNN) are exported')
+    cascade = is_cascade(roi_head)
+
+    def named(part: str) -> list[tuple[str, nn.Module]]:  # model.roi_head.<part>, or .<part>.<stage> of a cascade
+        modules = as_list(getattr(roi_head, part))
+        return [(f'model.roi_head.{part}' + (f'.{i}' if cascade else ''), m) for i, m in enumerate(modules)]
+
+    if roi_head.with_mask:
+        for where, mask_head in named('mask_head'):
+            if not isinstance(mask_head, FCNMaskHead):
+                refuse(where, mask_head, 'only FCNMaskHead (Mask R-CNN) is exported')
+    coders = [('model.rpn_head.bbox_coder', rpn.bbox_coder)]
+    for where, head in named('bbox_head'):
+        if not isinstance(head, BBoxHead) or head.custom_cls_channels or head.custom_activation:
+            refuse(where, head, 'only BBoxHead with a softmax classifier is exported')
+        coders.append((f'{where}.bbox_coder', head.bbox_coder))
+    for where, coder in coders:
         if not isinstance(coder, DeltaXYWHBBoxCoder):
             refuse(where, coder, 'only DeltaXYWHBBoxCoder is exported')
     for where, cfg in (('model.test_cfg.rpn', rpn.test_cfg), ('model.test_cfg.rcnn', roi_head.test_cfg)):

@@ -24,7 +24,7 @@ from torch import nn
 from dcn_det.checkpoint import atomic_write
 
 from .detections import count_unmatched
-from .detector import DeployableDetector, export_kernels, name_failing_layer
+from .detector import DeployableDetector, as_list, export_kernels, name_failing_layer
 from .metadata import INPUT_NAMES, META, OUTPUT_NAMES, file_sha256, output_names, outputs_doc
 from .preprocess import InputSpec
 
@@ -85,8 +85,7 @@ def export_onnx(detector: nn.Module, spec: InputSpec, out: str, *, classes: Sequ
     input_shape = [None, 3, None, None] if dynamic else list(example[0].shape)
     onnx.helper.set_model_props(model, file_metadata(spec, classes, input_shape, config_text, config_path,
                                                      checkpoint, model_digest, _versions(), wrapper))
-    kind = 'Mask R-CNN' if wrapper.with_mask else 'Faster R-CNN'
-    model.doc_string = f'{kind} exported by dcn_det from {config_path or "a config"}'
+    model.doc_string = f'{wrapper.kind} exported by dcn_det from {config_path or "a config"}'
     onnx.checker.check_model(model, full_check=True)
     _save_atomic(model, out)
     result = ExportResult(out, opset, input_shape, sorted({node.op_type for node in model.graph.node}), {}, True)
@@ -102,7 +101,7 @@ def prepare_export(detector: nn.Module, spec: InputSpec, classes: Sequence[str],
                    dynamic: bool, batch_size: int) -> tuple[DeployableDetector, tuple[torch.Tensor, ...]]:
     """The wrapper to export (``detector`` put in eval mode on the CPU) and the example batch to trace and
     verify with, once ``classes`` and ``shape`` are checked (see :func:`export_onnx`'s arguments)."""
-    num_classes = detector.roi_head.bbox_head.num_classes
+    num_classes = as_list(detector.roi_head.bbox_head)[-1].num_classes
     if len(classes) != num_classes:
         raise ValueError(f'the model has {num_classes} classes but the config names {len(classes)} '
                          f'({", ".join(map(str, classes[:5]))}{", ..." if len(classes) > 5 else ""}): set the '

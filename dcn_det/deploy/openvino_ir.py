@@ -45,8 +45,8 @@ def export_openvino(detector: nn.Module, spec: InputSpec, out: str, *, classes: 
     check_ir_target(out)
     wrapper, example = prepare_export(detector, spec, classes, shape, False, batch_size)
     if wrapper.with_mask:
-        raise NotExportableError('a Mask R-CNN is not exported to OpenVINO (its masks output is ONNX-only): export '
-                                 'it with tools/export_onnx.py, or export the box detector only')
+        raise NotExportableError(f'a {wrapper.kind} is not exported to OpenVINO (its masks output is ONNX-only): '
+                                 'export it with tools/export_onnx.py, or export the box detector only')
     with torch.no_grad(), export_kernels(detector):
         with name_failing_layer(detector, 'run'):
             expected = wrapper(*example)

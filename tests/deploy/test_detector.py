@@ -28,7 +28,6 @@ from tests.deploy._models import (
 )
 
 SHIPPED = sorted(osp.basename(p) for p in glob.glob(osp.join(CONFIG_DIR, '*.py')))
-CASCADES = [name for name in SHIPPED if name.startswith('cascade')]  # not exported
 
 
 def wrapper_outputs(wrapper, spec, images):
@@ -41,14 +40,7 @@ def wrapper_outputs(wrapper, spec, images):
             for i in range(len(images))]
 
 
-@pytest.mark.parametrize('name', CASCADES)
-def test_a_cascade_is_refused_in_one_line(name):
-    with pytest.raises(NotExportableError, match=r'cannot export model.roi_head \(CascadeRoIHead\): only '
-                                                 r'StandardRoIHead \(Faster / Mask R-CNN\) is exported, not a cascade'):
-        DeployableDetector(tiny_model(tiny_config(name)), InputSpec.from_config(tiny_config(name)))
-
-
-@pytest.mark.parametrize('name', sorted(set(SHIPPED) - set(CASCADES)))
+@pytest.mark.parametrize('name', SHIPPED)
 def test_matches_mmdet_predict_for_every_shipped_config(name):
     cfg = tiny_config(name, **NO_CUTOFF)
     model = tiny_model(cfg)
@@ -138,6 +130,24 @@ def test_a_layer_that_cannot_be_exported_is_named_with_the_fix():
     cfg.model.roi_head.bbox_roi_extractor.roi_layer.pool_mode = 'max'
     with pytest.raises(NotExportableError, match=r"roi_layers\.0 \(RoIAlign\): pool_mode='max'"):
         check_exportable(tiny_model(cfg))
+
+
+def test_only_mmdets_own_cascade_head_is_exported():
+    from mmdet.models.roi_heads import CascadeRoIHead
+
+    class WithMoreBranches(CascadeRoIHead):  # as HTC or SCNet: a cascade whose predict does more
+        pass
+
+    model = tiny_model(tiny_config('cascade_rcnn_dcnv2.py'))
+    check_exportable(model)
+    model.roi_head.__class__ = WithMoreBranches
+    with pytest.raises(NotExportableError, match=r'^cannot export model.roi_head \(WithMoreBranches\): only '
+                                                 r'StandardRoIHead .* and CascadeRoIHead .* are exported'):
+        check_exportable(model)
+    model.roi_head.__class__ = CascadeRoIHead
+    model.roi_head.bbox_head[1].loss_cls.custom_activation = True
+    with pytest.raises(NotExportableError, match=r'^cannot export model.roi_head.bbox_head.1 \(Shared2FCBBoxHead\)'):
+        check_exportable(model)
 
 
 def test_assert_same_detections_can_fail():

@@ -1,4 +1,5 @@
-"""A Mask R-CNN exported to ONNX: the same detections and masks in onnxruntime as in PyTorch."""
+"""A Mask R-CNN and a Cascade Mask R-CNN exported to ONNX: the same detections and masks in onnxruntime as in
+PyTorch."""
 import numpy as np
 import pytest
 
@@ -8,13 +9,13 @@ from tests.deploy._models import NO_CUTOFF, assert_same_detections, make_image, 
 IMAGES = [(50, 70, 1), (90, 60, 2)]
 
 
-@pytest.fixture(scope='module')
-def exported(tmp_path_factory):
-    cfg = tiny_config('shapes_r18_mask_dcnv2.py', **dict(NO_CUTOFF, max_per_img=100))
+@pytest.fixture(scope='module', params=['shapes_r18_mask_dcnv2.py', 'cascade_mask_rcnn_dcnv2.py'])
+def exported(request, tmp_path_factory):
+    cfg = tiny_config(request.param, **dict(NO_CUTOFF, max_per_img=100))
     model = tiny_model(cfg)
     path = str(tmp_path_factory.mktemp('onnx') / 'mask.onnx')
     result = export_onnx(model, InputSpec.from_config(cfg), path, classes=config_classes(cfg),
-                         config_path='shapes_r18_mask_dcnv2.py', dynamic=True, optimize=False)
+                         config_path=request.param, dynamic=True, optimize=False)
     return cfg, model, path, result
 
 

@@ -10,6 +10,7 @@ from dcn_det.deploy import (
     META,
     InputSpec,
     ModelMismatchError,
+    NotExportableError,
     OpenVinoDetector,
     TorchDetector,
     config_classes,
@@ -122,6 +123,23 @@ def test_an_ir_without_dcn_det_metadata_is_refused(tmp_path):
     with pytest.raises(ModelMismatchError, match=r"other.xml' has no dcn_det metadata .* not written by "
                                                  r'tools/export_openvino.py'):
         OpenVinoDetector(str(tmp_path / 'other.xml'))
+
+
+@pytest.mark.slow  # an export
+def test_a_cascade_gives_pytorchs_detections_and_a_cascade_mask_model_is_refused(tmp_path):
+    cfg = tiny_config('cascade_rcnn_dcnv2.py', **NO_CUTOFF)  # three stages, each its own offset predictor
+    model = tiny_model(cfg)
+    path = str(tmp_path / 'cascade.xml')
+    result = export_openvino(model, InputSpec.from_config(cfg), path, classes=config_classes(cfg))
+    assert result.same_detections
+    image = [make_image(90, 60, seed=2)]
+    got, want = OpenVinoDetector(path, threads=1)(image)[0], TorchDetector(model, cfg)(image)[0]
+    assert len(got.scores) > 10
+    assert_same_detections(got, want, score_tol=1e-4, box_tol=2e-2)
+    cfg = tiny_config('cascade_mask_rcnn_dcnv2.py')
+    with pytest.raises(NotExportableError, match='^a Cascade Mask R-CNN is not exported to OpenVINO'):
+        export_openvino(tiny_model(cfg), InputSpec.from_config(cfg), str(tmp_path / 'mask.xml'),
+                        classes=config_classes(cfg))
 
 
 def test_refusals_before_any_work(tmp_path):

@@ -1,4 +1,5 @@
-"""tools/infer.py and tools/test.py (PyTorch and --onnx) on a Mask R-CNN config, on a tiny generated dataset."""
+"""tools/infer.py and tools/test.py (PyTorch and --onnx) on a Mask R-CNN and a Cascade Mask R-CNN config, on a
+tiny generated dataset."""
 import json
 
 import numpy as np
@@ -9,10 +10,10 @@ from pycocotools import mask as mask_utils
 from dcn_det.data.synthetic import generate
 from dcn_det.deploy import InputSpec, config_classes, export_onnx
 from tests._helpers import write_tiny_shapes_config
-from tests.deploy._models import CLASSES, tiny_model, write_checkpoint
+from tests.deploy._models import CLASSES, NO_CUTOFF, tiny_config, tiny_model, write_checkpoint
 from tests.tools.test_infer import tool
 
-pytestmark = pytest.mark.slow  # a tiny Mask R-CNN exported to ONNX, then four tool runs
+pytestmark = pytest.mark.slow  # a tiny Mask R-CNN and a Cascade Mask R-CNN exported to ONNX, then four tool runs each
 
 # the mask head at the tiny config's 16-channel width
 TINY_MASK_HEAD = """
@@ -22,15 +23,30 @@ model.update(test_cfg=dict(rcnn=dict(score_thr=0.0)))
 """
 
 
-@pytest.fixture(scope='module')
-def deployed(tmp_path_factory):
+def tiny_cascade_config(path, data_root) -> str:
+    """configs/cascade_mask_rcnn_dcnv2.py shrunk (R50 at 8 base channels), testing on the tiny dataset. Random
+    weights score the three stages' mean logits almost alike: nothing is cut at max_per_img, where ties would meet."""
+    cfg = tiny_config('cascade_mask_rcnn_dcnv2.py', image_size=64, **NO_CUTOFF)
+    ann_file = 'annotations/instances_val.json'
+    cfg.test_dataloader.dataset.update(data_root=f'{data_root}/', ann_file=ann_file, data_prefix=dict(img='val/'),
+                                       metainfo=dict(classes=CLASSES))
+    cfg.test_evaluator.ann_file = f'{data_root}/{ann_file}'
+    cfg.dump(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope='module', params=['mask_rcnn', 'cascade_mask_rcnn'])
+def deployed(request, tmp_path_factory):
     from mmengine.config import Config
 
-    root = tmp_path_factory.mktemp('infer_mask')
+    root = tmp_path_factory.mktemp(request.param)
     generate(root / 'data', seed=2, num_train=1, num_val=3, image_size=80, classes=CLASSES, min_size=12,
              max_size=30, objects_per_image=(1, 3))
-    cfg_path = write_tiny_shapes_config(root / 'tiny.py', root / 'data', CLASSES, base='shapes_r18_mask_dcnv2.py',
-                                        image_size=64, extra=TINY_MASK_HEAD)
+    if request.param == 'mask_rcnn':
+        cfg_path = write_tiny_shapes_config(root / 'tiny.py', root / 'data', CLASSES, base='shapes_r18_mask_dcnv2.py',
+                                            image_size=64, extra=TINY_MASK_HEAD)
+    else:
+        cfg_path = tiny_cascade_config(root / 'tiny.py', root / 'data')
     ckpt = write_checkpoint(cfg_path, root / 'tiny.pth')
     cfg = Config.fromfile(cfg_path)
     model = tiny_model(cfg)
