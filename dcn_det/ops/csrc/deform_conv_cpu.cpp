@@ -607,8 +607,8 @@ std::vector<at::Tensor> deform_conv2d_backward(const at::Tensor& grad_out, const
               r0 > 0 ? gw2d.add_(part) : gw2d.copy_(part);
             }
           } else {
-            part = std::get<1>(at::convolution_backward(go_img, as_rows(c, s, rc), as_conv_weight(w_rows, s), c10::nullopt,
-                                                        {1, s.k}, {0, 0}, {1, 1}, false, {0, 0}, s.g,
+            part = std::get<1>(at::convolution_backward(go_img, as_rows(c, s, rc), as_conv_weight(w_rows, s),
+                                                        c10::nullopt, {1, s.k}, {0, 0}, {1, 1}, false, {0, 0}, s.g,
                                                         {false, true, false}));
             r0 > 0 ? gw.add_(part) : gw.copy_(part);
           }
