@@ -102,6 +102,16 @@ def load_for_export(args):
             load_detector(cfg, args.checkpoint, trust=args.trust_checkpoint))
 
 
+def export_options(args, cfg: Config) -> dict:
+    """The keyword arguments both export tools pass to their exporter: where the model came from (recorded in the
+    file), the input shape and batch size, and whether to verify."""
+    from dcn_det.deploy import model_sha256
+
+    return dict(config_text=cfg.pretty_text, config_path=args.config, checkpoint=args.checkpoint,
+                model_digest=model_sha256(cfg), shape=args.shape, batch_size=args.batch_size,
+                verify=not args.no_verify)
+
+
 def print_verification(result, runtime: str) -> None:
     """An export tool's report of its check (``result``: an ``ExportResult``) against PyTorch in ``runtime``."""
     if not result.max_abs_diff:

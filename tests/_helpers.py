@@ -1,11 +1,18 @@
 """Shared test helpers."""
 import itertools
 import os.path as osp
+import subprocess
+import sys
 
 import torch
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIG_DIR = osp.join(REPO, 'configs')
+
+
+def tool(*args) -> subprocess.CompletedProcess:
+    """Run ``python <args>`` (a tool's path and its arguments) from the repository root, output captured."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True)
 # a 3x3 kernel's points (dy, dx) in row-major order, as deformable convs number them
 GRID = torch.tensor(list(itertools.product((-1, 0, 1), repeat=2)), dtype=torch.float64)
 

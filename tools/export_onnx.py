@@ -36,7 +36,7 @@ import argparse
 import os.path as osp
 
 from dcn_det.checkpoint import CheckpointLoadError
-from dcn_det.cli import UsageError, add_export_arguments, fail, load_for_export, print_verification
+from dcn_det.cli import UsageError, add_export_arguments, export_options, fail, load_for_export, print_verification
 
 
 def parse_args(argv=None):
@@ -52,7 +52,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from dcn_det.deploy import ConfigNotDeployableError, NotExportableError, export_onnx, model_sha256
+    from dcn_det.deploy import ConfigNotDeployableError, NotExportableError, export_onnx
     from dcn_det.deploy.export import check_target
 
     args = parse_args(argv)
@@ -63,11 +63,8 @@ def main(argv=None):
         if args.dynamic and (args.batch_size != 1 or args.shape):
             raise UsageError('--dynamic leaves batch size and shape free: drop --batch-size/--shape')
         cfg, spec, classes, model = load_for_export(args)
-        result = export_onnx(model, spec, args.out, classes=classes, config_text=cfg.pretty_text,
-                             config_path=args.config, checkpoint=args.checkpoint, model_digest=model_sha256(cfg),
-                             opset=args.opset,
-                             shape=args.shape, dynamic=args.dynamic, batch_size=args.batch_size,
-                             verify=not args.no_verify)
+        result = export_onnx(model, spec, args.out, classes=classes, opset=args.opset, dynamic=args.dynamic,
+                             **export_options(args, cfg))
     except (UsageError, CheckpointLoadError, ConfigNotDeployableError, NotExportableError, ValueError) as e:
         fail(str(e))
     shape = 'x'.join('?' if s is None else str(s) for s in result.input_shape)

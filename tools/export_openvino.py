@@ -21,7 +21,7 @@ import argparse
 import os.path as osp
 
 from dcn_det.checkpoint import CheckpointLoadError
-from dcn_det.cli import UsageError, add_export_arguments, fail, load_for_export, print_verification
+from dcn_det.cli import UsageError, add_export_arguments, export_options, fail, load_for_export, print_verification
 
 
 def parse_args(argv=None):
@@ -31,16 +31,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from dcn_det.deploy import ConfigNotDeployableError, NotExportableError, export_openvino, model_sha256
+    from dcn_det.deploy import ConfigNotDeployableError, NotExportableError, export_openvino
     from dcn_det.deploy.openvino_ir import check_ir_target
 
     args = parse_args(argv)
     try:
         check_ir_target(args.out)  # before the model is built
         cfg, spec, classes, model = load_for_export(args)
-        result = export_openvino(model, spec, args.out, classes=classes, config_text=cfg.pretty_text,
-                                 config_path=args.config, checkpoint=args.checkpoint, model_digest=model_sha256(cfg),
-                                 shape=args.shape, batch_size=args.batch_size, verify=not args.no_verify)
+        result = export_openvino(model, spec, args.out, classes=classes, **export_options(args, cfg))
     except (UsageError, CheckpointLoadError, ConfigNotDeployableError, NotExportableError, ValueError) as e:
         fail(str(e))
     size = (osp.getsize(args.out) + osp.getsize(osp.splitext(args.out)[0] + '.bin')) / 2**20

@@ -103,6 +103,29 @@ def write_checkpoint(cfg_path, path):
     return path
 
 
+def generate_tiny_val_data(root):
+    """``root/data``: the shapes generator's data for :data:`CLASSES`, 3 val images (and 1 train) of 80 px with 1-3
+    objects each, for the tools' end-to-end tests."""
+    from dcn_det.data.synthetic import generate
+
+    generate(root / 'data', seed=2, num_train=1, num_val=3, image_size=80, classes=CLASSES, min_size=12,
+             max_size=30, objects_per_image=(1, 3))
+    return root / 'data'
+
+
+def export_checkpoint_onnx(cfg_path, ckpt, out):
+    """The config's model with ``ckpt`` loaded, exported to ``out`` as ``tools/export_onnx.py`` records it (config
+    path and checkpoint); unoptimised, which exports faster."""
+    from dcn_det.deploy import InputSpec, config_classes, export_onnx
+
+    cfg = Config.fromfile(str(cfg_path))
+    model = tiny_model(cfg)
+    model.load_state_dict(torch.load(ckpt, weights_only=True)['state_dict'])
+    export_onnx(model, InputSpec.from_config(cfg), str(out), classes=config_classes(cfg), config_path=str(cfg_path),
+                checkpoint=str(ckpt), optimize=False)
+    return out
+
+
 def refused(main, *args, capsys) -> str:
     """Run a tool's ``main`` in this process; it must exit with status 2 and one line on stderr."""
     import pytest

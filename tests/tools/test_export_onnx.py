@@ -1,20 +1,14 @@
 """tools/export_onnx.py through its command line: a file that runs, and one-line refusals."""
 import json
 import re
-import subprocess
-import sys
 
 import onnx
 import pytest
 
 from dcn_det.deploy import META
 from dcn_det.deploy.metadata import file_sha256
-from tests._helpers import REPO, write_tiny_shapes_config
+from tests._helpers import tool, write_tiny_shapes_config
 from tests.deploy._models import CLASSES, refused, write_checkpoint
-
-
-def tool(*args):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True)
 
 
 @pytest.fixture(scope='module')

@@ -2,44 +2,28 @@
 import json
 import os
 import pickle
-import subprocess
-import sys
 
 import cv2
 import numpy as np
 import pytest
 
-from dcn_det.data.synthetic import generate
-from dcn_det.deploy import InputSpec, config_classes, count_unmatched, export_onnx
-from tests._helpers import REPO, write_tiny_shapes_config
-from tests.deploy._models import CLASSES, refused, tiny_model, write_checkpoint
+from dcn_det.deploy import count_unmatched
+from tests._helpers import tool, write_tiny_shapes_config
+from tests.deploy._models import CLASSES, export_checkpoint_onnx, generate_tiny_val_data, refused, write_checkpoint
 
 # every test needs `deployed`, a trained tiny model exported to ONNX
 pytestmark = pytest.mark.slow
 
 
-def tool(*args):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True)
-
-
 @pytest.fixture(scope='module')
 def deployed(tmp_path_factory):
     """A tiny DCNv2 config on 3 generated val images, a random-weight checkpoint and its ONNX export."""
-    from mmengine.config import Config
-
     root = tmp_path_factory.mktemp('infer')
-    generate(root / 'data', seed=2, num_train=1, num_val=3, image_size=80, classes=CLASSES, min_size=12,
-             max_size=30, objects_per_image=(1, 3))
-    cfg_path = write_tiny_shapes_config(root / 'tiny.py', root / 'data', CLASSES, base='shapes_r18_dcnv2.py',
-                                        image_size=64, extra='model.update(test_cfg=dict(rcnn=dict(score_thr=0.0)))\n')
+    cfg_path = write_tiny_shapes_config(root / 'tiny.py', generate_tiny_val_data(root), CLASSES,
+                                        base='shapes_r18_dcnv2.py', image_size=64,
+                                        extra='model.update(test_cfg=dict(rcnn=dict(score_thr=0.0)))\n')
     ckpt = write_checkpoint(cfg_path, root / 'tiny.pth')
-    cfg = Config.fromfile(cfg_path)
-    model = tiny_model(cfg)
-    model.load_state_dict(__import__('torch').load(ckpt, weights_only=True)['state_dict'])
-    onnx_path = root / 'tiny.onnx'
-    export_onnx(model, InputSpec.from_config(cfg), str(onnx_path), classes=config_classes(cfg), config_path=cfg_path,
-                checkpoint=str(ckpt), optimize=False)
-    return root, cfg_path, ckpt, onnx_path
+    return root, cfg_path, ckpt, export_checkpoint_onnx(cfg_path, ckpt, root / 'tiny.onnx')
 
 
 def test_infer_pytorch_and_onnxruntime_find_the_same_objects_and_skip_bad_files(deployed, tmp_path):

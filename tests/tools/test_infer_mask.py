@@ -4,14 +4,17 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from pycocotools import mask as mask_utils
 
-from dcn_det.data.synthetic import generate
-from dcn_det.deploy import InputSpec, config_classes, export_onnx
-from tests._helpers import write_tiny_shapes_config
-from tests.deploy._models import CLASSES, NO_CUTOFF, tiny_config, tiny_model, write_checkpoint
-from tests.tools.test_infer import tool
+from tests._helpers import tool, write_tiny_shapes_config
+from tests.deploy._models import (
+    CLASSES,
+    NO_CUTOFF,
+    export_checkpoint_onnx,
+    generate_tiny_val_data,
+    tiny_config,
+    write_checkpoint,
+)
 
 pytestmark = pytest.mark.slow  # a tiny Mask R-CNN and a Cascade Mask R-CNN exported to ONNX, then four tool runs each
 
@@ -37,24 +40,15 @@ def tiny_cascade_config(path, data_root) -> str:
 
 @pytest.fixture(scope='module', params=['mask_rcnn', 'cascade_mask_rcnn'])
 def deployed(request, tmp_path_factory):
-    from mmengine.config import Config
-
     root = tmp_path_factory.mktemp(request.param)
-    generate(root / 'data', seed=2, num_train=1, num_val=3, image_size=80, classes=CLASSES, min_size=12,
-             max_size=30, objects_per_image=(1, 3))
+    data = generate_tiny_val_data(root)
     if request.param == 'mask_rcnn':
-        cfg_path = write_tiny_shapes_config(root / 'tiny.py', root / 'data', CLASSES, base='shapes_r18_mask_dcnv2.py',
+        cfg_path = write_tiny_shapes_config(root / 'tiny.py', data, CLASSES, base='shapes_r18_mask_dcnv2.py',
                                             image_size=64, extra=TINY_MASK_HEAD)
     else:
-        cfg_path = tiny_cascade_config(root / 'tiny.py', root / 'data')
+        cfg_path = tiny_cascade_config(root / 'tiny.py', data)
     ckpt = write_checkpoint(cfg_path, root / 'tiny.pth')
-    cfg = Config.fromfile(cfg_path)
-    model = tiny_model(cfg)
-    model.load_state_dict(torch.load(ckpt, weights_only=True)['state_dict'])
-    onnx_path = root / 'tiny.onnx'
-    export_onnx(model, InputSpec.from_config(cfg), str(onnx_path), classes=config_classes(cfg), config_path=cfg_path,
-                checkpoint=str(ckpt), optimize=False)
-    return root, cfg_path, ckpt, onnx_path
+    return root, cfg_path, ckpt, export_checkpoint_onnx(cfg_path, ckpt, root / 'tiny.onnx')
 
 
 def test_infer_writes_rle_masks_and_draws_them(deployed, tmp_path):

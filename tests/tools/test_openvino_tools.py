@@ -3,32 +3,23 @@ lines, on a tiny generated dataset: PyTorch's detections, and one-line refusals.
 import json
 import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 
-from dcn_det.data.synthetic import generate
 from dcn_det.deploy import count_unmatched
-from tests._helpers import REPO, write_tiny_shapes_config
-from tests.deploy._models import CLASSES, refused, write_checkpoint
+from tests._helpers import tool, write_tiny_shapes_config
+from tests.deploy._models import CLASSES, generate_tiny_val_data, refused, write_checkpoint
 
 # every test needs `deployed`, a tiny model exported by the tool
 pytestmark = pytest.mark.slow
 pytest.importorskip('openvino')
 
 
-def tool(*args):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True)
-
-
 @pytest.fixture(scope='module')
 def deployed(tmp_path_factory):
     """A tiny DCNv2 config on 3 generated val images, a random-weight checkpoint and its IR."""
     root = tmp_path_factory.mktemp('openvino')
-    generate(root / 'data', seed=2, num_train=1, num_val=3, image_size=80, classes=CLASSES, min_size=12,
-             max_size=30, objects_per_image=(1, 3))
-    cfg = write_tiny_shapes_config(root / 'tiny.py', root / 'data', CLASSES, base='shapes_r18_dcnv2.py',
+    cfg = write_tiny_shapes_config(root / 'tiny.py', generate_tiny_val_data(root), CLASSES, base='shapes_r18_dcnv2.py',
                                    image_size=64, extra='model.update(test_cfg=dict(rcnn=dict(score_thr=0.0)))\n')
     ckpt = write_checkpoint(cfg, root / 'tiny.pth')
     xml = root / 'tiny.xml'
